@@ -1,0 +1,142 @@
+"""Per-domain budgets of the partition matroid ``|S ∩ domain_j| <= b_j``, ``sum_j b_j = k``.
+
+All rules use exact integer arithmetic so that every rank, on any world size, computes the
+same budgets from the same domain counts.
+"""
+from fractions import Fraction
+from typing import Optional, Sequence
+
+import torch
+
+STRATEGIES = ("proportional", "uniform", "fractions", "minority_full")
+
+
+def _as_counts(domain_counts) -> list:
+    counts = [int(c) for c in torch.as_tensor(domain_counts).reshape(-1).tolist()]
+    if not counts:
+        raise ValueError("domain_counts is empty: pass one count per domain, e.g. [120, 80, 56]")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"domain_counts must be non-negative, got {counts}")
+    return counts
+
+
+def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
+                     fractions: Optional[Sequence[float]] = None,
+                     minority_domains: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Split a batch of ``k`` picks into per-domain budgets ``b`` with ``sum(b) == k``.
+
+    Parameters
+    ----------
+    domain_counts : (D,) int
+        Candidates of each domain in the pool, ``n_j``.
+    k : int
+        Batch size to select, ``1 <= k <= sum(n_j)``.
+    strategy : {"proportional", "uniform", "fractions", "minority_full"}
+        - ``proportional`` (the paper's rule): ``b_j = floor(n_j * k / N)``; the ``k - sum(b)``
+          leftover units go +1 each to distinct domains present in the pool, in ascending
+          order of ``(b_j, j)``, in a single pass.
+        - ``uniform``: ``k / D_present`` each (domains with candidates), remainder as above.
+        - ``fractions``: quota ``f_j * k`` for the given ``fractions`` (sum to 1), floored, the
+          remainder to the largest fractional parts (ties to the lower domain id).
+        - ``minority_full``: every candidate of ``minority_domains``, the rest proportional.
+        Budgets are never above ``n_j``: any excess is handed on by :func:`rebalance_budgets`.
+
+    Returns
+    -------
+    budgets : (D,) int64 tensor, summing to ``k``.
+    """
+    counts = _as_counts(domain_counts)
+    total = sum(counts)
+    k = int(k)
+    if k <= 0:
+        raise ValueError(f"k must be a positive batch size, got {k}")
+    if total == 0:
+        raise ValueError("the pool is empty: every domain count is 0")
+    if k > total:
+        raise ValueError(f"cannot select k={k} from a pool of {total} candidates; "
+                         f"lower the batch size or enlarge the pool")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown budget strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    present = [j for j, c in enumerate(counts) if c > 0]
+
+    if strategy == "proportional":
+        budgets = _proportional(counts, k)
+    elif strategy == "uniform":
+        budgets = [0] * len(counts)
+        for j in present:
+            budgets[j] = k // len(present)
+        _leftover_smallest_first(budgets, counts, k)
+    elif strategy == "fractions":
+        if fractions is None or len(fractions) != len(counts):
+            raise ValueError(f"strategy 'fractions' needs one fraction per domain ({len(counts)}), "
+                             f"got {fractions!r}")
+        fr = [Fraction(float(f)) for f in fractions]
+        if any(f < 0 for f in fr) or sum(fr) == 0:
+            raise ValueError(f"fractions must be non-negative and not all zero, got {list(fractions)}")
+        fr = [f / sum(fr) for f in fr]
+        quotas = [f * k for f in fr]
+        budgets = [int(q) for q in quotas]
+        order = sorted(range(len(counts)), key=lambda j: (-(quotas[j] - budgets[j]), j))
+        for j in order[: k - sum(budgets)]:
+            budgets[j] += 1
+    else:  # minority_full
+        listed = sorted(set(int(j) for j in (minority_domains or ())))
+        if not listed or any(j < 0 or j >= len(counts) for j in listed):
+            raise ValueError(f"strategy 'minority_full' needs minority_domains as ids in "
+                             f"[0, {len(counts)}), got {minority_domains!r}")
+        taken = sum(counts[j] for j in listed)
+        if taken > k:
+            raise ValueError(f"minority_domains {listed} hold {taken} candidates, more than k={k}")
+        rest = [0 if j in listed else c for j, c in enumerate(counts)]
+        budgets = _proportional(rest, k - taken) if k > taken else [0] * len(counts)
+        for j in listed:
+            budgets[j] = counts[j]
+    budgets, _ = rebalance_budgets(budgets, counts, total=k)
+    return torch.tensor(budgets, dtype=torch.int64)
+
+
+def _proportional(counts: list, k: int) -> list:
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    budgets = [c * k // total for c in counts]
+    _leftover_smallest_first(budgets, counts, k)
+    return budgets
+
+
+def _leftover_smallest_first(budgets: list, counts: list, k: int) -> None:
+    """+1 to distinct present domains in ascending ``(b_j, j)``, one pass (the paper's rule)."""
+    leftover = k - sum(budgets)
+    order = sorted((b, j) for j, b in enumerate(budgets) if counts[j] > budgets[j])
+    for _, j in order[:leftover]:
+        budgets[j] += 1
+
+
+def rebalance_budgets(budgets, domain_counts, total: Optional[int] = None):
+    """Cap budgets at the available candidates and hand the excess to the other domains.
+
+    A domain whose budget exceeds its feasible candidates keeps ``n_j``; each leftover unit goes
+    to the domain with spare candidates that is furthest behind, smallest ``(b_j, j)`` first.
+    Deterministic, so every rank hands the same units to the same domains.
+
+    ``total`` (default ``sum(budgets)``) is the sum the result must reach.
+
+    Returns ``(budgets, shortfall)``: two lists of D ints; ``shortfall[j]`` is how many units
+    domain j could not use.
+    """
+    counts = _as_counts(domain_counts)
+    budgets = [int(b) for b in torch.as_tensor(budgets).reshape(-1).tolist()]
+    if len(budgets) != len(counts):
+        raise ValueError(f"{len(budgets)} budgets for {len(counts)} domains")
+    shortfall = [max(b - c, 0) for b, c in zip(budgets, counts)]
+    capped = [min(b, c) for b, c in zip(budgets, counts)]
+    total = sum(budgets) if total is None else int(total)
+    leftover = total - sum(capped)
+    if total > sum(counts):
+        raise ValueError(f"budgets sum to {total} but the pool holds only {sum(counts)} "
+                         f"candidates; lower the batch size or enlarge the pool")
+    while leftover:
+        _, j = min((b, j) for j, b in enumerate(capped) if capped[j] < counts[j])
+        capped[j] += 1
+        leftover -= 1
+    return capped, shortfall

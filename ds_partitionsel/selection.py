@@ -1,0 +1,177 @@
+"""``select``: PartitionSel and the paper's baselines behind one interface.
+
+Every method takes per-candidate gradient features ``(n, p)``, domain ids ``(n,)``, the mean
+validation gradient ``(p,)`` and per-domain budgets ``(D,)`` (``k = sum(budgets)``), and returns
+a :class:`~ds_partitionsel.solver.Selection`. Domain-agnostic methods use only ``k``.
+
+=================  ============================================================================
+``partitionsel``   partition-matroid OMP on ``U(w)`` (nonnegative weights, per-domain budgets)
+``random``         ``k`` uniformly at random from the pool (seeded ``generator``)
+``full``           the whole pool (no selection)
+``gradnorm``       top-``k`` gradient norms
+``greats``         greedy on ``U`` with 0/1 weights (the GREATS utility), no budgets
+``greats_domain``  GREATS run independently per domain under the same budgets
+``iwd``            PartitionSel with ``K`` block-diagonal by domain (independent weighted domains)
+``gradmatch``      ridge OMP matching the validation gradient (nonnegative), no budgets
+=================  ============================================================================
+"""
+import math
+from typing import Optional
+
+import torch
+
+from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, _check_budget_fit,
+                                    _check_domains_budgets, _check_finite, _check_rule,
+                                    greedy_select)
+
+METHODS = ("partitionsel", "random", "full", "gradnorm", "greats", "greats_domain", "iwd",
+           "gradmatch")
+
+# method -> (use domain budgets, weighted refit, block-diagonal Gram)
+_GREEDY = {
+    "partitionsel": (True, True, False),
+    "iwd": (True, True, True),
+    "greats": (False, False, False),
+    "greats_domain": (True, False, True),
+    "gradmatch": (False, True, False),
+}
+
+
+def validate_inputs(method, features, domains, target, budgets, lr, ridge):
+    """Boundary checks shared by the single-process and the distributed ``select``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; valid: {', '.join(METHODS)}")
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError(f"features must be a 2-D tensor (n, p), got "
+                         f"{getattr(features, 'shape', type(features))}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    if not isinstance(target, torch.Tensor) or target.dim() != 1 \
+            or target.numel() != features.shape[1]:
+        raise ValueError(f"target must be the mean validation gradient of shape "
+                         f"({features.shape[1]},), got {tuple(getattr(target, 'shape', ()))}")
+    _check_finite("target", target)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    return _check_domains_budgets(domains, budgets, features.shape[0])
+
+
+def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: torch.Tensor,
+           budgets: torch.Tensor, *, lr: float = 1.0, ridge: float = 0.0,
+           generator: Optional[torch.Generator] = None, rule: str = "greedy",
+           nonneg: bool = True, drop_nonfinite: bool = False,
+           allow_shortfall: bool = False) -> Selection:
+    """Select ``k = sum(budgets)`` candidates with ``method``.
+
+    Parameters
+    ----------
+    method : one of :data:`METHODS`.
+    features : (n, p) per-candidate gradient features ``g_i`` (unit norm by default upstream).
+    domains : (n,) int64 domain ids in ``[0, D)``.
+    target : (p,) mean validation gradient ``v``; scores are ``s = G v``.
+    budgets : (D,) int64 per-domain budgets, e.g. from ``allocate_budgets``.
+    lr : the learning rate ``eta`` of the utility (the schedule's current value).
+    ridge : added to the diagonal of ``Q``.
+    generator : seeded ``torch.Generator`` for ``random`` and ``rule="rrg"``.
+    rule, nonneg : passed to the OMP methods (see ``partition_omp``).
+    drop_nonfinite : drop candidates whose features are not finite (counted in
+        ``info["dropped"]``, their budget handed to the other domains) instead of raising.
+    allow_shortfall : hand budget above a domain's size to other domains instead of raising.
+
+    Returns
+    -------
+    Selection with global indices into ``features``.
+    """
+    domains, budgets = validate_inputs(method, features, domains, target, budgets, lr, ridge)
+    rule = _check_rule(rule, generator)
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("empty pool: features has no rows")
+    finite = torch.isfinite(features).all(dim=1)
+    dropped = int((~finite).sum())
+    keep = None
+    if dropped:
+        if not drop_nonfinite:
+            raise ValueError(f"features of {dropped} candidate(s) contain NaN/Inf (rows "
+                             f"{(~finite).nonzero().flatten()[:8].tolist()}...); pass "
+                             f"drop_nonfinite=True to drop them")
+        keep = finite.nonzero().flatten()
+        features, domains = features[keep], domains[keep]
+        allow_shortfall = True
+    counts = torch.bincount(domains, minlength=budgets.numel())
+    used, shortfall = _check_budget_fit(budgets, counts, allow_shortfall)
+    if method == "random" and not isinstance(generator, torch.Generator):
+        raise ValueError("method 'random' needs a seeded torch.Generator, e.g. "
+                         "generator=torch.Generator().manual_seed(seed)")
+    result = _dispatch(method, features, domains, target, used, lr=lr, ridge=ridge,
+                       generator=generator, rule=rule, nonneg=nonneg)
+    result.shortfall = shortfall
+    result.info["dropped"] = dropped
+    if keep is not None:
+        result.indices = keep[result.indices]
+    return result
+
+
+def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generator, rule, nonneg,
+              offset=0, chooser=None):
+    k = int(budgets.sum())
+    lr_in = lr
+    if method in _GREEDY:
+        per_domain, weighted, block = _GREEDY[method]
+        lin = None
+        if method == "gradmatch":  # match sum_i w_i g_i to v: a = G v, Q = G G^T + ridge I
+            lin = target.to(features.dtype) @ features.T.contiguous()
+            lr = 1.0
+        rows = FeatureRows(features, target, domains, lr=lr, ridge=ridge, offset=offset,
+                           block_diagonal=block, linear=lin, capacity=k,
+                           budget_domains=None if per_domain else torch.zeros_like(domains))
+        use = budgets if per_domain else torch.tensor([k], dtype=torch.int64)
+        sel = greedy_select(rows, use, chooser or LocalChooser(),
+                            nonneg=nonneg if weighted else True, rule=rule, generator=generator,
+                            unit_weights=not weighted, method=method)
+        sel.domain_counts = _pad(sel.domain_counts, budgets.numel())
+        sel.budgets = budgets.clone()
+        if block or method == "gradmatch":  # report U on the true PartitionSel terms
+            sel.utility = selection_utility(features, target, sel.indices - offset, sel.weights,
+                                            lr=lr_in, ridge=ridge)
+        return sel
+    if method == "full":
+        idx = torch.arange(features.shape[0])
+    elif method == "random":
+        idx = torch.randperm(features.shape[0], generator=generator)[:k]
+    else:  # gradnorm: top-k norms, ties to the lowest index
+        norms = (features.double() ** 2).sum(1)
+        idx = torch.argsort(-norms, stable=True)[:k]
+    return unweighted_selection(method, idx, features, domains, target, budgets, lr, ridge)
+
+
+def _pad(counts, n_dom):
+    out = torch.zeros(n_dom, dtype=torch.int64)
+    out[: counts.numel()] = counts
+    return out
+
+
+def selection_utility(features, target, indices, weights, *, lr, ridge=0.0) -> float:
+    """The PartitionSel utility ``U(w)`` of a selection, in float64 on the selected rows.
+
+    ``features`` (n, p), ``target`` (p,), ``indices`` (k,) rows, ``weights`` (k,).
+    Every method's ``Selection.utility`` is this value, so methods compare on one scale.
+    """
+    g = features[indices].double()
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    gram = g @ g.T
+    a = lr * (g @ target.double()) + 0.5 * lr * lr * torch.diagonal(gram)
+    q = lr * lr * gram + ridge * torch.eye(len(indices), dtype=torch.float64)
+    return float(w @ a - 0.5 * w @ q @ w)
+
+
+def unweighted_selection(method, indices, features, domains, target, budgets, lr, ridge):
+    """A Selection with unit weights and its utility ``U(1_S)``."""
+    w = torch.ones(len(indices), dtype=torch.float64)
+    return Selection(
+        indices=indices.to(torch.int64), weights=w,
+        utility=selection_utility(features, target, indices, w, lr=lr, ridge=ridge),
+        domain_counts=torch.bincount(domains[indices], minlength=budgets.numel()),
+        budgets=budgets.clone(), shortfall=torch.zeros_like(budgets), method=method)

@@ -1,0 +1,601 @@
+"""Partition-matroid orthogonal matching pursuit: the numerical core of PartitionSel.
+
+Problem (DESIGN.md section 2)::
+
+    maximize   U(w) = <w, a> - 1/2 w^T Q w
+    subject to supp(w) ⊆ S,  |S ∩ domain_j| <= b_j  (a partition matroid),  w >= 0
+
+with ``a = lr*s + 1/2 lr^2 diag(K)`` and ``Q = lr^2 K + ridge*I`` for PartitionSel, where
+``s_i = <g_i, v>`` are validation scores and ``K = G G^T`` is the gradient Gram matrix.
+
+The greedy (OMP) picks, among feasible candidates (not selected, domain budget left), the largest
+residual ``r = a - Q w`` (``|r|`` in the signed variant), then refits ``w`` on ``S`` exactly:
+an incremental Cholesky factor of ``Q_SS`` (signed) or of ``Q_PP`` on the passive set of an
+active-set nonnegative refit warm-started from the previous weights (``nonneg``). Nothing is ever
+re-solved from scratch: a pick costs ``O(n*|S|)`` for the residual plus ``O(|S|^2)`` for the refit.
+
+Layout: the public functions validate once and dispatch; :func:`greedy_select` is the loop,
+written against a :class:`CandidateRows` (the candidate rows this process holds) and a
+:class:`Chooser` (how the next pick is agreed on), so that the distributed layer runs the very
+same loop with collectives plugged in. The loop is deterministic: the same inputs give the
+same picks and bit-identical weights.
+
+References: Pati, Rezaiifar & Krishnaprasad (1993) for OMP; Lawson & Hanson (1974) for the
+active-set nonnegative least squares; the PartitionSel paper (ICML 2026) for the utility.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ds_partitionsel.budgets import allocate_budgets, rebalance_budgets
+
+__all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets",
+           "rebalance_budgets", "greedy_select", "CandidateRows", "GramRows", "FeatureRows",
+           "LocalChooser", "RULES"]
+
+RULES = ("greedy", "rrg")
+
+
+@dataclass
+class Selection:
+    """The result of a selection.
+
+    indices : (k,) int64, global candidate indices in pick order.
+    weights : (k,) float, aligned with ``indices`` (1.0 for unweighted methods).
+    utility : U(w) at the final weights, a float.
+    domain_counts : (D,) int64, selected candidates per domain.
+    budgets : (D,) int64, the budgets actually used (after any shortfall was handed on).
+    shortfall : (D,) int64, budget units a domain could not use and handed to others.
+    """
+    indices: torch.Tensor
+    weights: torch.Tensor
+    utility: float
+    domain_counts: torch.Tensor
+    budgets: torch.Tensor
+    shortfall: torch.Tensor
+    method: str = "partitionsel"
+    bytes_sent: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.numel())
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s); drop or repair those candidates "
+                         f"before selection")
+
+
+def _check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
+    if not isinstance(domains, torch.Tensor) or domains.dim() != 1:
+        raise ValueError(f"domains must be a 1-D integer tensor of length n={n}, got "
+                         f"{getattr(domains, 'shape', type(domains))}")
+    if domains.is_floating_point() or domains.dtype == torch.bool:
+        raise ValueError(f"domains must be integer ids, got dtype {domains.dtype}")
+    if domains.numel() != n:
+        raise ValueError(f"domains has length {domains.numel()} but there are n={n} candidates")
+    if not isinstance(budgets, torch.Tensor) or budgets.dim() != 1 or budgets.numel() == 0:
+        raise ValueError(f"budgets must be a non-empty 1-D integer tensor (one per domain), got "
+                         f"{getattr(budgets, 'shape', type(budgets))}")
+    if budgets.is_floating_point():
+        raise ValueError(f"budgets must be integers, got dtype {budgets.dtype}")
+    n_dom = budgets.numel()
+    if n and (int(domains.min()) < 0 or int(domains.max()) >= n_dom):
+        raise ValueError(f"domain ids must lie in [0, {n_dom}) to match the {n_dom} budgets, "
+                         f"got range [{int(domains.min())}, {int(domains.max())}]")
+    if bool((budgets < 0).any()):
+        raise ValueError(f"budgets must be non-negative, got {budgets.tolist()}")
+    k = int(budgets.sum())
+    if k == 0:
+        raise ValueError("budgets sum to k=0: nothing to select; give at least one domain a "
+                         "positive budget")
+    return domains.to(torch.int64), budgets.to(torch.int64)
+
+
+def _check_budget_fit(budgets: torch.Tensor, counts: torch.Tensor, allow_shortfall: bool):
+    k, n = int(budgets.sum()), int(counts.sum())
+    if k > n:
+        raise ValueError(f"budgets sum to k={k}, more than the n={n} candidates in the pool")
+    over = (budgets > counts).nonzero().flatten().tolist()
+    if over and not allow_shortfall:
+        detail = ", ".join(f"domain {j}: budget {int(budgets[j])} > {int(counts[j])} candidates"
+                           for j in over)
+        raise ValueError(f"budgets exceed domain sizes ({detail}); lower them, or pass "
+                         f"allow_shortfall=True to hand the excess to the other domains")
+    capped, shortfall = rebalance_budgets(budgets, counts)
+    return (torch.tensor(capped, dtype=torch.int64), torch.tensor(shortfall, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- public API
+
+def partitionsel_terms(gram: torch.Tensor, scores: torch.Tensor, lr: float, ridge: float = 0.0):
+    """The PartitionSel quadratic utility terms.
+
+    Returns ``(linear, quadratic)`` with ``linear = lr*scores + 1/2 lr^2 diag(gram)`` (n,) and
+    ``quadratic = lr^2 gram + ridge*I`` (n, n). For 0/1 weights ``U`` is the GREATS utility
+    ``lr*sum_S s_i - lr^2 sum_{i<j in S} K_ij``; ``diag(gram)`` keeps the weights bounded.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be square (n, n), got {tuple(gram.shape)}")
+    if scores.dim() != 1 or scores.numel() != gram.shape[0]:
+        raise ValueError(f"scores must have shape ({gram.shape[0]},), got {tuple(scores.shape)}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    linear = lr * scores + 0.5 * lr * lr * torch.diagonal(gram)
+    quadratic = lr * lr * gram
+    if ridge:
+        quadratic = quadratic + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return linear, quadratic
+
+
+def partition_omp(linear: torch.Tensor, quadratic: torch.Tensor, domains: torch.Tensor,
+                  budgets: torch.Tensor, *, nonneg: bool = True, rule: str = "greedy",
+                  generator: Optional[torch.Generator] = None,
+                  allow_shortfall: bool = False) -> Selection:
+    """Greedy OMP under a partition matroid.
+
+    Maximizes ``U(w) = w·linear - 1/2 w^T quadratic w`` over ``supp(w) ⊆ S`` with
+    ``|S ∩ domain_j| <= budgets[j]`` and ``w >= 0`` when ``nonneg``; picks exactly
+    ``k = sum(budgets)`` candidates.
+
+    Parameters
+    ----------
+    linear : (n,) float tensor, ``a``.
+    quadratic : (n, n) symmetric positive semi-definite float tensor, ``Q``.
+    domains : (n,) int64 tensor of domain ids in ``[0, D)``.
+    budgets : (D,) int64 tensor of per-domain budgets.
+    nonneg : pick by ``r_i`` and refit with ``w >= 0`` (PartitionSel); ``False`` picks by
+        ``|r_i|`` with an unconstrained refit (classic OMP; with one domain, ``linear = X^T y``
+        and ``quadratic = X^T X`` this is scikit-learn's ``orthogonal_mp_gram``).
+    rule : ``"greedy"`` (argmax residual, ties to the lowest index) or ``"rrg"`` (residual random
+        greedy: a uniform pick from the union of per-domain top-``remaining_j`` shortlists).
+    generator : seeded ``torch.Generator``, required by ``rule="rrg"``.
+    allow_shortfall : a budget above its domain's size is an error unless this is set; then the
+        excess is handed to the other domains (see ``rebalance_budgets``) and reported.
+
+    Returns
+    -------
+    Selection
+    """
+    if not isinstance(linear, torch.Tensor) or linear.dim() != 1:
+        raise ValueError(f"linear must be a 1-D tensor (n,), got {getattr(linear, 'shape', type(linear))}")
+    n = linear.numel()
+    if n == 0:
+        raise ValueError("empty pool: linear has no candidates")
+    if not isinstance(quadratic, torch.Tensor) or quadratic.dim() != 2 \
+            or quadratic.shape[0] != quadratic.shape[1]:
+        raise ValueError(f"quadratic must be a square (n, n) tensor, got "
+                         f"{tuple(getattr(quadratic, 'shape', ()))}")
+    if quadratic.shape[0] != n:
+        raise ValueError(f"quadratic is {tuple(quadratic.shape)} but linear has n={n} entries")
+    _check_finite("linear", linear)
+    _check_finite("quadratic", quadratic)
+    scale = float(quadratic.abs().max()) or 1.0
+    if not torch.allclose(quadratic, quadratic.T, rtol=1e-5, atol=1e-6 * scale):
+        raise ValueError("quadratic must be symmetric (Q == Q^T); symmetrize it, e.g. (Q + Q.T) / 2")
+    domains, budgets = _check_domains_budgets(domains, budgets, n)
+    rule = _check_rule(rule, generator)
+    counts = torch.bincount(domains, minlength=budgets.numel())
+    used, shortfall = _check_budget_fit(budgets, counts, allow_shortfall)
+    dtype = torch.promote_types(linear.dtype, quadratic.dtype)
+    rows = GramRows(linear.to(dtype), quadratic.to(dtype), domains)
+    return greedy_select(rows, used, LocalChooser(), nonneg=nonneg, rule=rule,
+                         generator=generator, shortfall=shortfall)
+
+
+def _check_rule(rule: str, generator) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
+    if rule == "rrg" and not isinstance(generator, torch.Generator):
+        raise ValueError("rule='rrg' needs a seeded torch.Generator shared by all ranks, e.g. "
+                         "generator=torch.Generator().manual_seed(seed)")
+    return rule
+
+
+# --------------------------------------------------------------------------- candidate rows
+
+class CandidateRows:
+    """The candidate rows this process holds: ``linear`` (n,), ``domains`` (n,), columns of Q.
+
+    ``offset`` is the global index of local row 0 (rank-major order across ranks).
+    Subclasses define how a pick's data (its ``Pick``) is formed and how ``Q[rows, j]`` is
+    computed from it, using only kernels whose per-row results do not depend on how the rows
+    are sliced, so that shards reproduce the single-process numbers bit for bit.
+    """
+    linear: torch.Tensor
+    domains: torch.Tensor
+    offset: int = 0
+
+    def __len__(self) -> int:
+        return self.linear.numel()
+
+    def pick_payload(self, local: int) -> torch.Tensor:
+        """Everything other ranks need about local row ``local``, as one 1-D tensor."""
+        raise NotImplementedError
+
+    def column(self, payload: torch.Tensor, index: int) -> torch.Tensor:
+        """``Q[rows, index]`` (n,) for the pick described by ``payload``."""
+        raise NotImplementedError
+
+    def pick_terms(self, payload: torch.Tensor, selected: list):
+        """``(a_j, Q[S, j] (m,), Q_jj, domain_j)`` for the pick, from replicated data only."""
+        raise NotImplementedError
+
+    def diagonal(self) -> torch.Tensor:
+        """``diag(Q)`` over the local rows (n,)."""
+        raise NotImplementedError
+
+
+class GramRows(CandidateRows):
+    """Rows of an explicit ``(n, n)`` quadratic (single process)."""
+
+    def __init__(self, linear, quadratic, domains, offset: int = 0):
+        self.linear, self.quadratic, self.domains, self.offset = linear, quadratic, domains, offset
+
+    def pick_payload(self, local):
+        return torch.tensor([float(local + self.offset)], dtype=torch.float64)
+
+    def column(self, payload, index):
+        return self.quadratic[index - self.offset]
+
+    def pick_terms(self, payload, selected):
+        j = int(payload[0]) - self.offset
+        row = self.quadratic[j]
+        sel = torch.as_tensor(selected, dtype=torch.int64) - self.offset
+        return (float(self.linear[j]), row[sel].double().cpu().numpy(), float(row[j]),
+                int(self.domains[j]))
+
+    def diagonal(self):
+        return torch.diagonal(self.quadratic)
+
+
+class FeatureRows(CandidateRows):
+    """Rows given by gradient features: ``Q_ij = lr^2 <g_i, g_j> + ridge*[i==j]``.
+
+    ``features_t`` is stored transposed, ``(p, n)``, so that ``Q[rows, j] = lr^2 g_j @ G^T`` is a
+    vector-matrix product whose per-column result is the same whatever the slice of columns
+    (unlike ``G @ g_j``, whose blocking in BLAS depends on the row count). With
+    ``block_diagonal`` (the ``iwd`` / ``greats_domain`` baselines) ``Q_ij = 0`` across domains.
+    The selected rows ``G_S`` are kept (k, p) on every rank to form ``Q[S, j]``.
+    """
+
+    def __init__(self, features, target, domains, *, lr=1.0, ridge=0.0, offset=0,
+                 block_diagonal=False, linear=None, capacity=0, budget_domains=None):
+        self.features_t = features.T.contiguous()  # (p, n)
+        # ``domains`` index the budgets; ``true_domains`` are the data domains (they differ
+        # for domain-agnostic methods, which run with one budget).
+        self.true_domains = domains
+        self.domains = domains if budget_domains is None else budget_domains
+        self.offset, self.lr, self.ridge = offset, float(lr), float(ridge)
+        self.block_diagonal = block_diagonal
+        p = self.features_t.shape[0]
+        ones = torch.ones(p, dtype=features.dtype, device=features.device)
+        self.sqnorm = ones @ (self.features_t * self.features_t)  # (n,) ||g_i||^2
+        if linear is None:
+            scores = target.to(features.dtype) @ self.features_t
+            linear = self.lr * scores + (0.5 * self.lr * self.lr) * self.sqnorm
+        self.linear = linear
+        self._selected_rows = torch.empty(max(capacity, 1), p, dtype=features.dtype,
+                                          device=features.device)
+        self._selected_dom = []  # true domains of the picks, in order
+        self._m = 0
+
+    def pick_payload(self, local):
+        g = self.features_t[:, local].double()
+        head = torch.tensor([float(local + self.offset), float(self.linear[local]),
+                             float(self.domains[local]), float(self.true_domains[local])],
+                            dtype=torch.float64)
+        return torch.cat([head, g.cpu()])
+
+    def _unpack(self, payload):
+        index, a_j, dom, true_dom = int(payload[0]), float(payload[1]), int(payload[2]), int(payload[3])
+        g = payload[4:].to(self.features_t.dtype).to(self.features_t.device)
+        return index, a_j, dom, true_dom, g
+
+    def column(self, payload, index):
+        _, _, _, true_dom, g = self._unpack(payload)
+        col = (self.lr * self.lr) * (g @ self.features_t)
+        if self.block_diagonal:
+            col = col * (self.true_domains == true_dom).to(col.dtype)
+        local = index - self.offset
+        if self.ridge and 0 <= local < len(self):
+            col[local] = col[local] + self.ridge
+        return col
+
+    def pick_terms(self, payload, selected):
+        index, a_j, dom, true_dom, g = self._unpack(payload)
+        m = self._m
+        if m >= self._selected_rows.shape[0]:
+            grown = torch.empty(2 * m, g.numel(), dtype=g.dtype, device=g.device)
+            grown[:m] = self._selected_rows[:m]
+            self._selected_rows = grown
+        q_sel = (self.lr * self.lr) * (g @ self._selected_rows[:m].T) if m else g.new_zeros(0)
+        if self.block_diagonal and m:
+            q_sel = q_sel * torch.tensor([d == true_dom for d in self._selected_dom], dtype=g.dtype,
+                                         device=g.device)
+        q_jj = float((self.lr * self.lr) * (g @ g)) + self.ridge
+        self._selected_rows[m] = g
+        self._selected_dom.append(true_dom)
+        self._m = m + 1
+        return a_j, q_sel.double().cpu().numpy(), q_jj, dom
+
+    def diagonal(self):
+        return (self.lr * self.lr) * self.sqnorm + self.ridge
+
+
+# --------------------------------------------------------------------------- choosers
+
+class LocalChooser:
+    """Agrees on the next pick within one process; the distributed layer supplies another.
+
+    ``choose(values, feasible, rows, remaining, rule, generator)`` returns the pick's payload
+    (``rows.pick_payload``) and its global index. Subclasses may count ``bytes_sent``.
+    """
+    bytes_sent = 0
+
+    def choose(self, values, feasible, rows, remaining, rule, generator):
+        if rule == "greedy":
+            masked = torch.where(feasible, values, torch.full_like(values, -math.inf))
+            local = int(torch.argmax(masked))  # first maximum: ties go to the lowest index
+        else:
+            cand_vals, cand_idx, cand_dom = rrg_shortlist(values, feasible, rows.domains, remaining)
+            local = int(rrg_pick(cand_vals, cand_idx, cand_dom, remaining, generator))
+        return rows.pick_payload(local), local + rows.offset
+
+
+def rrg_shortlist(values, feasible, domains, remaining):
+    """Per-domain top-``remaining_j`` feasible candidates of ``values``, ties to the lowest index.
+
+    Returns ``(values, local_indices, domains)`` of the shortlisted candidates. Every rank can
+    shortlist its own rows; the union of all ranks' shortlists contains the global shortlist.
+    """
+    idx = feasible.nonzero().flatten()
+    vals = values[idx]
+    order = torch.argsort(-vals, stable=True)  # idx ascending, so ties keep the lower index
+    idx, vals = idx[order], vals[order]
+    dom = domains[idx]
+    keep = torch.zeros_like(idx, dtype=torch.bool)
+    for j in dom.unique().tolist():
+        where = (dom == j).nonzero().flatten()[: int(remaining[j])]
+        keep[where] = True
+    return vals[keep], idx[keep], dom[keep]
+
+
+def rrg_pick(values, indices, domains, remaining, generator) -> int:
+    """Residual random greedy: a uniform pick from the union of per-domain top-``rem_j`` lists.
+
+    ``values``, ``indices`` (global, unique) and ``domains`` may be a superset of the shortlists
+    (e.g. the union of per-rank shortlists); the global shortlists are formed here, ordered by
+    index, and one is drawn with ``generator``. The result does not depend on the input order.
+    """
+    order = torch.argsort(indices)  # canonical order first, then stable sort by value
+    values, indices, domains = values[order], indices[order], domains[order]
+    order = torch.argsort(-values, stable=True)
+    values, indices, domains = values[order], indices[order], domains[order]
+    keep = torch.zeros_like(indices, dtype=torch.bool)
+    for j in domains.unique().tolist():
+        keep[(domains == j).nonzero().flatten()[: int(remaining[j])]] = True
+    shortlist = torch.sort(indices[keep]).values
+    draw = int(torch.randint(shortlist.numel(), (1,), generator=generator))
+    return int(shortlist[draw])
+
+
+# --------------------------------------------------------------------------- refits
+
+class _CholeskyFactor:
+    """Lower Cholesky factor ``L`` of ``Q_PP`` grown and shrunk one variable at a time.
+
+    ``add`` appends a row in ``O(m^2)``; ``remove`` deletes a variable with Givens rotations
+    in ``O(m^2)``; ``solve(b)`` solves ``Q_PP x = b`` with two triangular solves.
+    """
+
+    def __init__(self, capacity: int):
+        self.L = np.zeros((capacity, capacity))
+        self.m = 0
+
+    def add(self, q_cross: np.ndarray, q_diag: float) -> bool:
+        """Append a variable with ``Q[P, new] = q_cross`` and ``Q[new, new] = q_diag``.
+
+        Returns False (and leaves the factor unchanged) when the new column is numerically
+        dependent on the current ones.
+        """
+        m = self.m
+        if m:
+            v = _forward(self.L[:m, :m], q_cross)
+            d = q_diag - float(v @ v)
+        else:
+            v, d = None, q_diag
+        if not d > 1e-10 * max(q_diag, 1e-300):
+            return False
+        if m:
+            self.L[m, :m] = v
+        self.L[m, m] = math.sqrt(d)
+        self.m = m + 1
+        return True
+
+    def remove(self, pos: int) -> None:
+        m = self.m
+        L = self.L
+        # Drop row pos; the block below it becomes upper Hessenberg; rotate it back.
+        L[pos:m - 1, :m] = L[pos + 1:m, :m]
+        for c in range(pos, m - 1):
+            a, b = L[c, c], L[c, c + 1]
+            r = math.hypot(a, b)
+            cs, sn = (a / r, b / r) if r else (1.0, 0.0)
+            col_c = L[c:m - 1, c].copy()
+            col_n = L[c:m - 1, c + 1].copy()
+            L[c:m - 1, c] = cs * col_c + sn * col_n
+            L[c:m - 1, c + 1] = -sn * col_c + cs * col_n
+            if L[c, c] < 0:
+                L[c:m - 1, c] *= -1
+        L[m - 1, :m] = 0.0
+        L[:m, m - 1] = 0.0
+        self.m = m - 1
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        m = self.m
+        return _backward(self.L[:m, :m], _forward(self.L[:m, :m], b))
+
+
+def _forward(L, b):
+    from scipy.linalg import solve_triangular
+    return solve_triangular(L, b, lower=True, check_finite=False)
+
+
+def _backward(L, b):
+    from scipy.linalg import solve_triangular
+    return solve_triangular(L, b, lower=True, trans="T", check_finite=False)
+
+
+class _Refit:
+    """Exact refit of ``w`` on the selected set ``S`` after each pick (replicated state).
+
+    Holds ``a_S`` (k,), ``Q_SS`` (k, k) and ``w`` (k,) in float64. ``nonneg=False``:
+    ``w_S = Q_SS^{-1} a_S`` through one growing Cholesky factor. ``nonneg=True``: the
+    Lawson-Hanson active-set method on ``min 1/2 w^T Q w - a^T w, w >= 0``, warm-started from the
+    previous weights, with the Cholesky factor of the passive set updated incrementally.
+    ``unit=True`` (GREATS): every weight is 1, no refit.
+    """
+
+    def __init__(self, k: int, nonneg: bool, unit: bool = False):
+        self.a = np.zeros(k)
+        self.Q = np.zeros((k, k))
+        self.w = np.zeros(k)
+        self.m = 0
+        self.nonneg, self.unit = nonneg, unit
+        self.factor = _CholeskyFactor(k)
+        self.passive = []  # positions in S, in factor order
+        self.degenerate = 0
+
+    def add(self, a_j: float, q_sel: np.ndarray, q_jj: float) -> None:
+        m = self.m
+        self.a[m] = a_j
+        self.Q[m, :m] = q_sel
+        self.Q[:m, m] = q_sel
+        self.Q[m, m] = q_jj
+        self.m = m + 1
+        if self.unit:
+            self.w[m] = 1.0
+        elif not self.nonneg:
+            if self.factor.add(q_sel[self.passive], q_jj):
+                self.passive.append(m)
+                self.w[self.passive] = self.factor.solve(self.a[self.passive])
+            else:
+                self.degenerate += 1
+        else:
+            self._nonneg_refit()
+
+    def _nonneg_refit(self) -> None:
+        m, a, Q, w = self.m, self.a, self.Q, self.w
+        tol = 1e-10 * (1.0 + float(np.abs(a[:m]).max()))
+        blocked = set()
+        for _ in range(3 * m + 10):
+            grad = a[:m] - Q[:m, :m] @ w[:m]
+            grad[self.passive] = -np.inf
+            for b in blocked:
+                grad[b] = -np.inf
+            t = int(np.argmax(grad))
+            if not grad[t] > tol:
+                return
+            P = self.passive
+            if not self.factor.add(Q[P, t], Q[t, t]):
+                blocked.add(t)
+                self.degenerate += 1
+                continue
+            P.append(t)
+            while P:
+                z = self.factor.solve(a[P])
+                if (z > 0).all():
+                    w[P] = z
+                    break
+                # Step from w towards z until the first passive weight hits zero; drop it.
+                wp = w[P]
+                neg = z <= 0
+                steps = np.where(neg, wp / np.where(neg, wp - z, 1.0), np.inf)
+                alpha = float(steps.min())
+                w[P] = wp + alpha * (z - wp)
+                drop = {int(np.argmin(steps))}
+                drop.update(i for i in range(len(P)) if neg[i] and w[P[i]] <= 1e-15 * (1 + abs(wp[i])))
+                for i in sorted(drop, reverse=True):
+                    w[P[i]] = 0.0
+                    self.factor.remove(i)
+                    P.pop(i)
+            if t not in P:
+                blocked.add(t)  # it could not enter (numerically): keep it at zero
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.w[: self.m].copy()
+
+    def utility(self) -> float:
+        m, w = self.m, self.w[: self.m]
+        return float(w @ self.a[:m] - 0.5 * w @ self.Q[:m, :m] @ w)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg: bool = True,
+                  rule: str = "greedy", generator: Optional[torch.Generator] = None,
+                  unit_weights: bool = False, shortfall: Optional[torch.Tensor] = None,
+                  method: str = "partitionsel") -> Selection:
+    """The OMP loop over validated inputs; exactly ``sum(budgets)`` picks.
+
+    Per pick: residual over the held rows (``r = a - Q[:, S] w``; for ``unit_weights`` the
+    GREATS marginal gain ``a - 1/2 diag(Q) - Q[:, S] 1``), the chooser agrees on the best
+    feasible candidate (a collective in the distributed layer), every process forms
+    ``Q[:, j]`` for its rows and updates the small replicated refit identically.
+    """
+    n = len(rows)
+    k = int(budgets.sum())
+    remaining = budgets.clone()
+    selected_local = torch.zeros(n, dtype=torch.bool, device=rows.linear.device)
+    q_rows = torch.empty(k, n, dtype=rows.linear.dtype, device=rows.linear.device)  # Q[S, rows]
+    refit = _Refit(k, nonneg, unit=unit_weights)
+    picks, pick_dom = [], []
+    base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
+    w_dev = None
+    for t in range(k):
+        if t == 0:
+            values = base
+        else:
+            w_dev = torch.from_numpy(refit.w[:t]).to(q_rows.dtype).to(q_rows.device)
+            values = base - w_dev @ q_rows[:t]
+        if not nonneg and not unit_weights:
+            values = values.abs()
+        feasible = ~selected_local & (remaining[rows.domains] > 0)
+        payload, index = chooser.choose(values, feasible, rows, remaining, rule, generator)
+        a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)
+        q_rows[t] = rows.column(payload, index)
+        local = index - rows.offset
+        if 0 <= local < n:
+            selected_local[local] = True
+        picks.append(index)
+        pick_dom.append(dom)
+        remaining[dom] -= 1
+        refit.add(a_j, q_sel, q_jj)
+
+    indices = torch.tensor(picks, dtype=torch.int64)
+    data_dom = getattr(rows, "_selected_dom", pick_dom)
+    dom_t = torch.tensor(data_dom, dtype=torch.int64)
+    n_dom = max(budgets.numel(), int(dom_t.max()) + 1 if len(data_dom) else 0)
+    return Selection(
+        indices=indices,
+        weights=torch.from_numpy(refit.weights),
+        utility=refit.utility(),
+        domain_counts=torch.bincount(dom_t, minlength=n_dom),
+        budgets=budgets.clone(),
+        shortfall=shortfall if shortfall is not None else torch.zeros(n_dom, dtype=torch.int64),
+        method=method,
+        bytes_sent=int(getattr(chooser, "bytes_sent", 0)),
+        info={"degenerate": refit.degenerate},
+    )
