@@ -499,20 +499,18 @@ class _Refit:
         m, a, Q, w = self.m, self.a, self.Q, self.w
         tol = 1e-10 * (1.0 + float(np.abs(a[:m]).max()))
         blocked = set()
-        for _ in range(3 * m + 10):
+        P = self.passive
+        for _ in range(4 * m + 10):
             grad = a[:m] - Q[:m, :m] @ w[:m]
-            grad[self.passive] = -np.inf
-            for b in blocked:
-                grad[b] = -np.inf
+            grad[P] = -np.inf
+            grad[list(blocked)] = -np.inf
             t = int(np.argmax(grad))
             if not grad[t] > tol:
                 return
-            P = self.passive
-            if not self.factor.add(Q[P, t], Q[t, t]):
-                blocked.add(t)
+            if not self._enter(t):
+                blocked.add(t)  # no bounded improvement through t: keep it at zero
                 self.degenerate += 1
                 continue
-            P.append(t)
             while P:
                 z = self.factor.solve(a[P])
                 if (z > 0).all():
@@ -526,12 +524,39 @@ class _Refit:
                 w[P] = wp + alpha * (z - wp)
                 drop = {int(np.argmin(steps))}
                 drop.update(i for i in range(len(P)) if neg[i] and w[P[i]] <= 1e-15 * (1 + abs(wp[i])))
-                for i in sorted(drop, reverse=True):
-                    w[P[i]] = 0.0
-                    self.factor.remove(i)
-                    P.pop(i)
+                self._leave(sorted(drop, reverse=True))
             if t not in P:
-                blocked.add(t)  # it could not enter (numerically): keep it at zero
+                blocked.add(t)
+
+    def _enter(self, t: int) -> bool:
+        """Make ``t`` passive. When ``Q[t]`` depends on the passive columns, first slide along
+        the null direction ``d = (-Q_PP^{-1} Q_Pt, 1)`` (``Q d = 0``, ascent ``grad_t > 0``)
+        until a passive weight hits zero, drop it, and retry."""
+        P, w, Q = self.passive, self.w, self.Q
+        for _ in range(len(P) + 1):
+            if self.factor.add(Q[P, t], Q[t, t]):
+                P.append(t)
+                return True
+            if not P:
+                return False
+            d = -self.factor.solve(Q[P, t])
+            neg = d < 0
+            if not neg.any():
+                return False  # U grows without bound along d: only a ridge would bound it
+            steps = np.where(neg, w[P] / np.where(neg, -d, 1.0), np.inf)
+            i = int(np.argmin(steps))
+            w[P] = w[P] + steps[i] * d
+            w[t] += steps[i]
+            w[P[i]] = 0.0
+            self._leave([i])
+        return False
+
+    def _leave(self, positions) -> None:
+        """Drop passive variables at factor ``positions`` (descending), their weights to 0."""
+        for i in positions:
+            self.w[self.passive[i]] = 0.0
+            self.factor.remove(i)
+            self.passive.pop(i)
 
     @property
     def weights(self) -> np.ndarray:

@@ -1,0 +1,147 @@
+"""Read a candidate pool built by ``tools/build_pool.py`` (format: :mod:`ds_partitionsel.pool_format`).
+
+    pool = CandidatePool(".cache/pools/demo", split="train", tokenizer=".cache/models/smollm2-135m")
+    len(pool)                 # N records
+    pool[i]                   # {"input_ids": (T_i,) int64, "loss_mask": (T_i,) bool, "domain": int}
+    batch = pool.collate([3, 1, 4], pad_token_id=2)   # right-padded (B, T) tensors
+
+The arrays are memory-mapped: opening a pool reads only the manifest and the small per-record
+arrays, and every rank of a job can open the same files and fetch any record by global index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .pool_format import PoolFormatError, load_tokenizer, open_split_arrays, read_manifest, tokenizer_fingerprint
+
+__all__ = ["CandidatePool", "PoolFormatError"]
+
+IGNORE_INDEX = -100
+
+
+class CandidatePool:
+    """Map-style view of one split of a pool directory, indexed by global record index.
+
+    Parameters
+    ----------
+    path : str or Path
+        The pool directory (holds ``manifest.json``).
+    split : str
+        Which split to read (``"train"``, ``"valid"``, ...).
+    tokenizer : None, str, Path or a Hugging Face tokenizer
+        When given, the pool must have been built with the same tokenizer (compared by
+        :func:`~ds_partitionsel.pool_format.tokenizer_fingerprint`); otherwise ``ValueError``.
+    verify : bool
+        Also re-hash every array file against the manifest (reads the whole split).
+
+    Attributes
+    ----------
+    domains : torch.LongTensor (N,)
+        Domain id of every record.
+    domain_names : list[str]
+        ``domain_names[d]`` is the name of domain id ``d`` (shared by all splits of the pool).
+    lengths : torch.LongTensor (N,)
+        Token count of every record (after truncation).
+    manifest : dict
+        The parsed ``manifest.json``.
+    """
+
+    def __init__(self, path, split: str = "train", tokenizer=None, *, verify: bool = False):
+        self.path = Path(path)
+        self.split = split
+        self.manifest = read_manifest(self.path)
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer)
+        arrays = open_split_arrays(self.path, self.manifest, split, verify=verify)
+        self._tokens = arrays["tokens"]
+        self._loss_mask = arrays["loss_mask"]
+        self._offsets = np.asarray(arrays["offsets"], dtype=np.int64)
+        self.domain_names = list(self.manifest["domains"])
+        self.domains = torch.from_numpy(np.asarray(arrays["domains"], dtype=np.int64))
+        self.lengths = torch.from_numpy(np.diff(self._offsets))
+        self.truncated = torch.from_numpy(np.asarray(arrays["truncated"], dtype=np.bool_))
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        built = self.manifest["tokenizer"]
+        if isinstance(tokenizer, (str, Path)):
+            name, tokenizer = str(tokenizer), load_tokenizer(tokenizer)
+        else:
+            name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        got = tokenizer_fingerprint(tokenizer)
+        if got != built["fingerprint_sha256"]:
+            raise ValueError(
+                f"pool {self.path} was built with tokenizer {built['name_or_path']!r} "
+                f"(fingerprint {built['fingerprint_sha256'][:12]}), but tokenizer {name!r} has fingerprint "
+                f"{got[:12]}. Token ids would not match the model: rebuild the pool with "
+                f"python tools/build_pool.py --tokenizer {name} ...")
+
+    # ------------------------------------------------------------------ map-style access
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def _index(self, i) -> int:
+        n = len(self)
+        if isinstance(i, (torch.Tensor, np.ndarray)):
+            i = i.item()
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a pool split of {n} records")
+        return i + n if i < 0 else i
+
+    def __getitem__(self, i) -> dict:
+        """Record ``i``: ``{"input_ids": LongTensor (T_i,), "loss_mask": BoolTensor (T_i,), "domain": int}``.
+
+        ``loss_mask[t]`` True means token t is a response token trained on (its label is the
+        token itself; the model shifts internally).
+        """
+        i = self._index(i)
+        a, b = self._offsets[i], self._offsets[i + 1]
+        return {
+            "input_ids": torch.from_numpy(self._tokens[a:b].astype(np.int64)),
+            "loss_mask": torch.from_numpy(np.array(self._loss_mask[a:b], dtype=np.bool_)),
+            "domain": int(self.domains[i]),
+        }
+
+    def collate(self, indices: Sequence[int], pad_token_id: int) -> dict:
+        """Right-padded batch of the records ``indices`` (B of them), T = longest in the batch.
+
+        Returns ``input_ids`` (B, T) int64 (``pad_token_id`` after each record),
+        ``attention_mask`` (B, T) int64, ``loss_mask`` (B, T) bool, ``labels`` (B, T) int64
+        (``input_ids`` where ``loss_mask``, else -100) and ``domains`` (B,) int64.
+        """
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; pass the tokenizer's pad id (or its eos id if it has none)")
+        idx = [self._index(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        if not idx:
+            raise ValueError("collate needs at least one index")
+        starts = self._offsets[idx]
+        lens = self._offsets[np.asarray(idx) + 1] - starts
+        B, T = len(idx), int(lens.max())
+        input_ids = np.full((B, T), int(pad_token_id), dtype=np.int64)
+        loss_mask = np.zeros((B, T), dtype=np.bool_)
+        attention = np.zeros((B, T), dtype=np.int64)
+        for row, (a, n) in enumerate(zip(starts, lens)):
+            input_ids[row, :n] = self._tokens[a:a + n]
+            loss_mask[row, :n] = self._loss_mask[a:a + n]
+            attention[row, :n] = 1
+        labels = np.where(loss_mask, input_ids, IGNORE_INDEX)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "labels": torch.from_numpy(labels),
+            "domains": self.domains[torch.as_tensor(idx, dtype=torch.int64)],
+        }
+
+    def domain_counts(self) -> torch.Tensor:
+        """(D,) int64: number of records of each domain id in this split (D = len(domain_names))."""
+        return torch.bincount(self.domains, minlength=len(self.domain_names))
+
+    def __repr__(self) -> str:
+        counts = dict(zip(self.domain_names, self.domain_counts().tolist()))
+        return f"CandidatePool({str(self.path)!r}, split={self.split!r}, n={len(self)}, domains={counts})"
