@@ -59,11 +59,11 @@ class CandidatePool:
         arrays = open_split_arrays(self.path, self.manifest, split, verify=verify)
         self._tokens = arrays["tokens"]
         self._loss_mask = arrays["loss_mask"]
-        self._offsets = np.asarray(arrays["offsets"], dtype=np.int64)
+        self._offsets = np.array(arrays["offsets"], dtype=np.int64)  # (N+1,), small: keep in memory
         self.domain_names = list(self.manifest["domains"])
-        self.domains = torch.from_numpy(np.asarray(arrays["domains"], dtype=np.int64))
+        self.domains = torch.from_numpy(np.array(arrays["domains"], dtype=np.int64))
         self.lengths = torch.from_numpy(np.diff(self._offsets))
-        self.truncated = torch.from_numpy(np.asarray(arrays["truncated"], dtype=np.bool_))
+        self.truncated = torch.from_numpy(np.array(arrays["truncated"], dtype=np.bool_))
 
     def _check_tokenizer(self, tokenizer) -> None:
         built = self.manifest["tokenizer"]
