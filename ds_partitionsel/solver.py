@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dtrtrs
 
 from ds_partitionsel.budgets import allocate_budgets, rebalance_budgets
 
@@ -72,6 +73,17 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); drop or repair those candidates "
                          f"before selection")
+
+
+def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
+    """Spot-check ``Q == Q^T`` on up to ``rows`` evenly spaced rows: O(rows * n), not O(n^2)
+    (a full check costs more than the whole solve for small k; the solver reads rows only)."""
+    n = quadratic.shape[0]
+    idx = torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
+    a, b = quadratic[idx], quadratic[:, idx].T
+    scale = float(a.abs().max()) or 1.0
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale):
+        raise ValueError("quadratic must be symmetric (Q == Q^T); symmetrize it, e.g. (Q + Q.T) / 2")
 
 
 def _check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
@@ -180,9 +192,7 @@ def partition_omp(linear: torch.Tensor, quadratic: torch.Tensor, domains: torch.
         raise ValueError(f"quadratic is {tuple(quadratic.shape)} but linear has n={n} entries")
     _check_finite("linear", linear)
     _check_finite("quadratic", quadratic)
-    scale = float(quadratic.abs().max()) or 1.0
-    if not torch.allclose(quadratic, quadratic.T, rtol=1e-5, atol=1e-6 * scale):
-        raise ValueError("quadratic must be symmetric (Q == Q^T); symmetrize it, e.g. (Q + Q.T) / 2")
+    _check_symmetric(quadratic)
     domains, budgets = _check_domains_budgets(domains, budgets, n)
     rule = _check_rule(rule, generator)
     counts = torch.bincount(domains, minlength=budgets.numel())
@@ -339,14 +349,14 @@ class LocalChooser:
     """Agrees on the next pick within one process; the distributed layer supplies another.
 
     ``choose(values, feasible, rows, remaining, rule, generator)`` returns the pick's payload
-    (``rows.pick_payload``) and its global index. Subclasses may count ``bytes_sent``.
+    (``rows.pick_payload``) and its global index. ``values`` (n,) are already ``-inf`` where
+    ``feasible`` (n,) is False. Subclasses may count ``bytes_sent``.
     """
     bytes_sent = 0
 
     def choose(self, values, feasible, rows, remaining, rule, generator):
         if rule == "greedy":
-            masked = torch.where(feasible, values, torch.full_like(values, -math.inf))
-            local = int(torch.argmax(masked))  # first maximum: ties go to the lowest index
+            local = int(torch.argmax(values))  # -inf where infeasible; first max: lowest index
         else:
             cand_vals, cand_idx, cand_dom = rrg_shortlist(values, feasible, rows.domains, remaining)
             local = int(rrg_pick(cand_vals, cand_idx, cand_dom, remaining, generator))
@@ -448,13 +458,15 @@ class _CholeskyFactor:
 
 
 def _forward(L, b):
-    from scipy.linalg import solve_triangular
-    return solve_triangular(L, b, lower=True, check_finite=False)
+    """Solve ``L x = b`` (LAPACK trtrs directly: the solver calls this per pick)."""
+    x, info = dtrtrs(L, b, lower=1, trans=0)
+    return x
 
 
 def _backward(L, b):
-    from scipy.linalg import solve_triangular
-    return solve_triangular(L, b, lower=True, trans="T", check_finite=False)
+    """Solve ``L^T x = b``."""
+    x, info = dtrtrs(L, b, lower=1, trans=1)
+    return x
 
 
 class _Refit:
@@ -583,7 +595,9 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg
     n = len(rows)
     k = int(budgets.sum())
     remaining = budgets.clone()
-    selected_local = torch.zeros(n, dtype=torch.bool, device=rows.linear.device)
+    # 0 where a candidate is feasible, -inf where it is selected or its domain's budget is spent
+    penalty = torch.zeros(n, dtype=rows.linear.dtype, device=rows.linear.device)
+    penalty[remaining[rows.domains] <= 0] = -math.inf
     q_rows = torch.empty(k, n, dtype=rows.linear.dtype, device=rows.linear.device)  # Q[S, rows]
     refit = _Refit(k, nonneg, unit=unit_weights)
     picks, pick_dom = [], []
@@ -597,16 +611,18 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg
             values = base - w_dev @ q_rows[:t]
         if not nonneg and not unit_weights:
             values = values.abs()
-        feasible = ~selected_local & (remaining[rows.domains] > 0)
-        payload, index = chooser.choose(values, feasible, rows, remaining, rule, generator)
+        values = values + penalty  # infeasible -> -inf
+        payload, index = chooser.choose(values, penalty == 0, rows, remaining, rule, generator)
         a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)
         q_rows[t] = rows.column(payload, index)
         local = index - rows.offset
         if 0 <= local < n:
-            selected_local[local] = True
+            penalty[local] = -math.inf
         picks.append(index)
         pick_dom.append(dom)
         remaining[dom] -= 1
+        if remaining[dom] == 0:
+            penalty[rows.domains == dom] = -math.inf
         refit.add(a_j, q_sel, q_jj)
 
     indices = torch.tensor(picks, dtype=torch.int64)
