@@ -118,21 +118,33 @@ def _ids(encoded) -> list:
 def tokenize_example(tokenizer, prompt: str, response: str, use_chat_template: bool):
     """Token ids and loss mask of one prompt/response pair.
 
-    With a chat template: ``ids`` is the template applied to ``[user: prompt, assistant:
-    response]``; tokens up to the end of the common prefix with the template of ``[user:
-    prompt]`` plus the generation prompt are prompt tokens (mask False), the rest, including the
-    end-of-turn tokens, are response tokens (mask True). Without one: ``encode(prompt + "\\n")``
-    (special tokens such as BOS added as the tokenizer does) followed by ``encode(response)``
-    and EOS when the tokenizer has one.
+    With a chat template: the template is rendered (as text) for ``[user: prompt]`` with the
+    generation prompt (``head``) and for ``[user: prompt, assistant: response]`` (``full``).
+    ``ids = encode(head) + encode(full[len(head):])``, both without added special tokens (the
+    template writes them), and the mask is False on the head and True on the rest, which holds
+    the response and the end-of-turn tokens. Encoding the two parts separately keeps the
+    boundary exactly where generation starts at inference (a merge such as ``"\n" + "    "``
+    across it would otherwise train on part of the template), and the prompt ids are exactly
+    those the model sees when asked to generate. Templates whose ``full`` rendering does not
+    start with ``head`` fall back to the common prefix of the two tokenizations.
+
+    Without one: ``encode(prompt + "\n")`` (special tokens such as BOS added as the tokenizer
+    does) followed by ``encode(response)`` and EOS when the tokenizer has one.
 
     Returns ``(ids, mask)``: lists of equal length, ``mask[t]`` True when token t is trained on.
     """
     if use_chat_template:
         user = [{"role": "user", "content": prompt}]
-        full = _ids(tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=True, return_dict=False))
-        head = _ids(tokenizer.apply_chat_template(
-            user, tokenize=True, add_generation_prompt=True, return_dict=False))
+        both = user + [{"role": "assistant", "content": response}]
+        head_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(both, tokenize=False)
+        if full_text.startswith(head_text):
+            head = tokenizer.encode(head_text, add_special_tokens=False)
+            body = tokenizer.encode(full_text[len(head_text):], add_special_tokens=False)
+            return head + body, [False] * len(head) + [True] * len(body)
+        full = _ids(tokenizer.apply_chat_template(both, tokenize=True, return_dict=False))
+        head = _ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False))
         n_prompt = 0
         for a, b in zip(head, full):
             if a != b:
