@@ -1,0 +1,66 @@
+"""Process-group bring-up for the launchers we support: deepspeed, torchrun, mpirun, slurm.
+
+Every launcher ends in the same five variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT); this module fills them from the MPI or slurm variables when a launcher did not,
+keeping the master address explicit (DeepSpeed's own MPI discovery would pick a non-loopback
+interface from ``hostname -I``).
+"""
+import datetime
+import os
+
+_MPI_RANK = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_MPI_LOCAL = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def _first(env, names):
+    for name in names:
+        if env.get(name) not in (None, ""):
+            return env[name]
+    return None
+
+
+def map_launcher_env(master_addr: str = "127.0.0.1", master_port: str = "29500", env=None) -> str:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from MPI or slurm variables.
+
+    Variables already set win (the deepspeed launcher and torchrun set them). Returns the
+    launcher that was recognized: "env", "mpi", "slurm" or "single".
+    """
+    env = os.environ if env is None else env
+    if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
+        kind = "env"
+    elif _first(env, _MPI_RANK) is not None and _first(env, _MPI_SIZE) is not None:
+        rank = _first(env, _MPI_RANK)
+        env["RANK"], env["WORLD_SIZE"] = rank, _first(env, _MPI_SIZE)
+        env["LOCAL_RANK"] = _first(env, _MPI_LOCAL) or rank
+        kind = "mpi"
+    elif env.get("SLURM_PROCID") is not None and env.get("SLURM_NTASKS") is not None:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        kind = "slurm"
+    else:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+        kind = "single"
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", master_addr)
+    env.setdefault("MASTER_PORT", str(master_port))
+    return kind
+
+
+def init_distributed(backend=None, timeout_s: float = 600.0) -> str:
+    """Map the launcher's variables, then ``deepspeed.init_distributed`` on them.
+
+    On CPU (``DS_ACCELERATOR=cpu``) the shm comm op is skipped (it would JIT-compile for a
+    minute on a fresh machine); gloo is the backend.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    kind = map_launcher_env()
+    accel = os.environ.get("DS_ACCELERATOR", "")
+    if accel == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = backend or "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return kind

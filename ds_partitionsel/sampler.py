@@ -1,0 +1,84 @@
+"""Which candidates each step sees, and which selected samples each rank trains on.
+
+Stateless by design: the global pool of step ``t`` is a function of ``(seed, epoch, t)`` alone,
+so a resumed run, or a run on another world size, sees exactly the same pools.
+"""
+import hashlib
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python versions)."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(*parts))
+
+
+class PoolSampler:
+    """The global candidate pool of every step.
+
+    Each epoch is a fresh permutation of the ``num_records`` training records (seeded by
+    ``(seed, epoch)``), cut into ``num_records // pool_size`` consecutive pools; the tail that does
+    not fill a pool is skipped that epoch (it comes first in no particular later epoch).
+    """
+
+    def __init__(self, num_records: int, pool_size: int, seed: int):
+        if pool_size <= 0:
+            raise ValueError(f"pool_size must be positive, got {pool_size}")
+        if num_records < pool_size:
+            raise ValueError(f"the training split holds {num_records} records, fewer than one pool "
+                             f"of {pool_size}; lower pool_factor / the batch size or add data")
+        self.num_records, self.pool_size, self.seed = num_records, pool_size, seed
+        self.steps_per_epoch = num_records // pool_size
+        self._perm_epoch, self._perm = None, None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def pool(self, step: int) -> torch.Tensor:
+        """Global record ids of step ``step``'s pool, ``(pool_size,)`` int64."""
+        epoch, t = divmod(int(step), self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.num_records, generator=generator("pool", self.seed, epoch))
+            self._perm_epoch = epoch
+        return self._perm[t * self.pool_size:(t + 1) * self.pool_size].clone()
+
+
+def shard_bounds(n: int, world: int) -> List[Tuple[int, int]]:
+    """Contiguous rank-major shards of ``n`` items: sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    bounds, start = [], 0
+    for r in range(world):
+        size = base + (1 if r < extra else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def assign_owner_first(selected: Sequence[int], bounds: List[Tuple[int, int]], per_rank: int) -> List[List[int]]:
+    """Split ``selected`` pool positions into ``per_rank`` for each rank, owners first.
+
+    A rank keeps the selected positions inside its own shard (lowest first) up to ``per_rank``;
+    surplus positions go, in ascending order, to ranks short of their share, in rank order.
+    Deterministic, so every rank computes the same assignment with no communication.
+    """
+    selected = sorted(int(s) for s in selected)
+    if len(selected) != per_rank * len(bounds):
+        raise ValueError(f"{len(selected)} selected samples cannot be split into {len(bounds)} ranks "
+                         f"x {per_rank}")
+    shares, spare = [], []
+    for lo, hi in bounds:
+        own = [s for s in selected if lo <= s < hi]
+        shares.append(own[:per_rank])
+        spare.extend(own[per_rank:])
+    spare.sort()
+    for share in shares:
+        need = per_rank - len(share)
+        share.extend(spare[:need])
+        del spare[:need]
+    return shares

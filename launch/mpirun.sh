@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# PartitionSel training under mpirun (Open MPI or MPICH). launch/train.py maps the MPI rank
+# variables to torch.distributed itself and keeps the master address explicit (MASTER_ADDR),
+# never the address MPI discovery would pick.
+#   NP=2 bash launch/mpirun.sh [train.py args...]
+#   NP=16 HOSTS=node0:8,node1:8 MASTER_ADDR=node0 bash launch/mpirun.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NP=${NP:-2}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+ARGS=("$@")
+if [ ${#ARGS[@]} -eq 0 ]; then
+    ARGS=(--model .cache/models/smollm2-135m --num-layers 4 --pool .cache/pools/demo
+          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/mpirun)
+fi
+MPI_ARGS=(-n "$NP")
+if mpirun --version 2>&1 | grep -qi "open mpi"; then
+    [ "$(id -u)" = 0 ] && MPI_ARGS+=(--allow-run-as-root)
+    MPI_ARGS+=(-x OMP_NUM_THREADS=1 -x MASTER_ADDR="$MASTER_ADDR" -x MASTER_PORT="$MASTER_PORT"
+               -x DS_ACCELERATOR -x PATH -x PYTHONPATH)
+    if [ -n "${HOSTS:-}" ]; then MPI_ARGS+=(--host "$HOSTS"); else MPI_ARGS+=(--mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo); fi
+else  # MPICH / hydra
+    MPI_ARGS+=(-genv OMP_NUM_THREADS 1 -genv MASTER_ADDR "$MASTER_ADDR" -genv MASTER_PORT "$MASTER_PORT")
+    [ -n "${HOSTS:-}" ] && MPI_ARGS+=(-hosts "$HOSTS")
+fi
+exec mpirun "${MPI_ARGS[@]}" python launch/train.py "${ARGS[@]}"

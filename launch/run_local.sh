@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# PartitionSel training with the deepspeed launcher.
+#   single node:   NUM_GPUS=2 bash launch/run_local.sh [train.py args...]
+#   multi node:    HOSTFILE=hostfile MASTER_ADDR=node0 bash launch/run_local.sh [...]
+# Defaults: the demo pool and model of tools/fetch_demo_data.py, ZeRO-2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NUM_GPUS=${NUM_GPUS:-2}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank: the launcher leaves it unset
+ARGS=("$@")
+if [ ${#ARGS[@]} -eq 0 ]; then
+    ARGS=(--model .cache/models/smollm2-135m --num-layers 4 --pool .cache/pools/demo
+          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/local)
+fi
+if [ -n "${HOSTFILE:-}" ]; then
+    exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        launch/train.py "${ARGS[@]}"
+fi
+exec deepspeed --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    launch/train.py "${ARGS[@]}"
