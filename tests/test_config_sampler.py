@@ -1,0 +1,87 @@
+"""The partitionsel config block, the stateless pool sampler and the owner-first assignment."""
+import pytest
+import torch
+
+from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.launch_env import map_launcher_env
+from ds_partitionsel.sampler import PoolSampler, assign_owner_first, shard_bounds
+
+
+def test_defaults_follow_the_paper():
+    cfg = PartitionSelConfig.from_dict({})
+    assert cfg.method == "partitionsel" and cfg.budget.strategy == "proportional"
+    assert cfg.use_weights is False and cfg.sketch.modules == 3 and cfg.sketch.normalize is True
+    assert cfg.pool_factor == 8
+
+
+def test_nested_blocks_are_typed():
+    cfg = PartitionSelConfig.from_dict({"sketch": {"mode": "kron", "dim": 256}, "rule": "rrg"})
+    assert cfg.sketch.mode == "kron" and cfg.sketch.dim == 256 and cfg.rule == "rrg"
+    assert cfg.to_dict()["sketch"]["dim"] == 256
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"methd": "random"}, r"unknown key\(s\) 'methd' in partitionsel; valid keys: .*method"),
+    ({"sketch": {"mdoe": "kron"}}, r"unknown key\(s\) 'mdoe' in partitionsel.sketch; valid keys: .*mode"),
+    ({"method": "best"}, "partitionsel.method = 'best' is not valid; choose one of: partitionsel"),
+    ({"mode": "fast"}, "partitionsel.mode"),
+    ({"pool_factor": 0}, "pool_factor must be a positive integer"),
+    ({"validation": {"anchors": -1}}, "validation.anchors"),
+    ({"budget": {"strategy": "fractions"}}, "needs partitionsel.budget.fractions"),
+    ({"sketch": "kron"}, "partitionsel.sketch must be a JSON object"),
+    ({"ridge": -1.0}, "ridge"),
+])
+def test_bad_config_is_rejected_with_a_message_that_names_the_key(block, message):
+    with pytest.raises(ConfigError, match=message):
+        PartitionSelConfig.from_dict(block)
+
+
+def test_pools_are_a_function_of_seed_and_step_only():
+    a, b = PoolSampler(1000, 64, seed=3), PoolSampler(1000, 64, seed=3)
+    steps = [0, 5, 15, 16, 40, 7]
+    pools_a = [a.pool(s) for s in steps]
+    pools_b = [b.pool(s) for s in reversed(steps)][::-1]  # other order: same pools (stateless)
+    for x, y in zip(pools_a, pools_b):
+        assert torch.equal(x, y)
+    # one epoch covers distinct records; the next epoch is a new permutation
+    epoch0 = torch.cat([a.pool(s) for s in range(a.steps_per_epoch)])
+    assert epoch0.unique().numel() == epoch0.numel() == 64 * (1000 // 64)
+    assert not torch.equal(a.pool(0), a.pool(a.steps_per_epoch))
+    assert not torch.equal(a.pool(0), PoolSampler(1000, 64, seed=4).pool(0))
+
+
+def test_pool_larger_than_the_data_is_refused():
+    with pytest.raises(ValueError, match="fewer than one pool"):
+        PoolSampler(10, 64, seed=0)
+
+
+def test_shards_are_contiguous_and_balanced():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+def test_owner_first_assignment_keeps_owned_samples_and_balances():
+    bounds = shard_bounds(16, 2)  # rank 0 owns 0..7, rank 1 owns 8..15
+    shares = assign_owner_first([1, 2, 3, 4, 5, 9], bounds, per_rank=3)
+    assert shares == [[1, 2, 3], [9, 4, 5]]
+    for world in (1, 2, 4):
+        sel = list(range(0, 32, 2))
+        shares = assign_owner_first(sel, shard_bounds(32, world), 16 // world)
+        assert sorted(sum(shares, [])) == sel
+        assert all(len(s) == 16 // world for s in shares)
+    with pytest.raises(ValueError, match="cannot be split"):
+        assign_owner_first([1, 2, 3], bounds, per_rank=2)
+
+
+@pytest.mark.parametrize("env, kind, expect", [
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, "mpi", ("1", "2", "1")),
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"}, "mpi", ("3", "4", "1")),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, "slurm", ("5", "8", "1")),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "env", ("0", "2", "0")),
+    ({}, "single", ("0", "1", "0")),
+])
+def test_launcher_variables_map_to_torch_distributed_on_loopback(env, kind, expect):
+    env = dict(env)
+    assert map_launcher_env(env=env) == kind
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == expect
+    assert env["MASTER_ADDR"] == "127.0.0.1"
