@@ -134,8 +134,9 @@ def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generato
         sel.domain_counts = _pad(sel.domain_counts, budgets.numel())
         sel.budgets = budgets.clone()
         if block or method == "gradmatch":  # report U on the true PartitionSel terms
-            sel.utility = selection_utility(features, target, sel.indices - offset, sel.weights,
-                                            lr=lr_in, ridge=ridge)
+            # from the picked rows every rank holds (a rank's own features may not contain them)
+            sel.utility = selection_utility(rows.selected_features(), target, torch.arange(sel.k),
+                                            sel.weights, lr=lr_in, ridge=ridge)
         return sel
     if method == "full":
         idx = torch.arange(features.shape[0])

@@ -300,6 +300,15 @@ class FeatureRows(CandidateRows):
         self._selected_dom = []  # true domains of the picks, in order
         self._m = 0
 
+    @property
+    def payload_numel(self) -> int:
+        """Length of a :meth:`pick_payload` tensor (4 + p), also known where no row is held."""
+        return 4 + self.features_t.shape[0]
+
+    def selected_features(self) -> torch.Tensor:
+        """The picked rows ``G_S`` (m, p) in pick order; replicated on every rank."""
+        return self._selected_rows[: self._m]
+
     def pick_payload(self, local):
         g = self.features_t[:, local].double()
         head = torch.tensor([float(local + self.offset), float(self.linear[local]),
