@@ -142,6 +142,13 @@ class CandidatePool:
         """(D,) int64: number of records of each domain id in this split (D = len(domain_names))."""
         return torch.bincount(self.domains, minlength=len(self.domain_names))
 
+    def loss_token_counts(self) -> torch.Tensor:
+        """(N,) int64: number of trained (response) tokens of every record. Reads the whole mask."""
+        if len(self) == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        mask = np.asarray(self._loss_mask, dtype=np.int64)
+        return torch.from_numpy(np.add.reduceat(mask, self._offsets[:-1]))
+
     def __repr__(self) -> str:
         counts = dict(zip(self.domain_names, self.domain_counts().tolist()))
         return f"CandidatePool({str(self.path)!r}, split={self.split!r}, n={len(self)}, domains={counts})"
