@@ -13,10 +13,12 @@ float64, the list form of ``all_gather`` with equal shapes on every rank, and ``
 With a world of one (or no initialized process group) every collective is the identity and
 nothing is counted.
 
-Byte accounting (the payload model, independent of the backend's algorithm): an all-reduce of
-``m`` bytes sends ``m``; an all-gather sends this rank's own ``m``-byte chunk and receives
-``(world-1)*m``; a broadcast of ``m`` bytes sends ``m`` from the source and receives ``m``
-everywhere else.
+Byte accounting (the payload model, independent of the backend's algorithm): ``bytes_sent``
+adds the size ``m`` of the buffer this rank passes in: an all-reduce of ``m`` bytes, this rank's
+own (padded) ``m``-byte chunk of an all-gather, and the ``m`` bytes of a broadcast on every rank
+(tree and pipelined broadcasts have every rank but the leaves forward it). So ``bytes_sent`` is
+the same on every rank. ``bytes_received`` adds ``m`` for an all-reduce, ``(world-1)*m`` for an
+all-gather and ``m`` for a broadcast on every rank but its source.
 """
 import datetime
 import time
@@ -145,9 +147,8 @@ class SelectionComm:
         self._wait(what, dist.broadcast(buf, src=self._global_rank(src), group=self.group,
                                         async_op=True))
         nbytes = buf.numel() * buf.element_size()
-        if self.rank == src:
-            self.bytes_sent += nbytes
-        else:
+        self.bytes_sent += nbytes
+        if self.rank != src:
             self.bytes_received += nbytes
         self.rounds += 1
         return buf.cpu()
