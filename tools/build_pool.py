@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,24 +212,36 @@ def shard_payload(shard: Shard, dtype: np.dtype):
     return header, tokens, mask, lengths, np.asarray(shard.truncated, dtype=np.uint8)
 
 
+def _wait(request, poll_s: float = 0.005) -> None:
+    """Wait for a nonblocking MPI request, sleeping between polls.
+
+    A blocking MPI call spins at full CPU while it waits; with more ranks than cores (e.g.
+    ``-n 3 --oversubscribe`` on 2 cores) the waiting ranks would steal the CPU from the ones
+    still tokenizing.
+    """
+    while not request.Test():
+        time.sleep(poll_s)
+
+
 def gather_payloads(comm, payload, dtype):
     """Rank 0 receives every rank's payload in rank order (MPI buffer messages; no pickle)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     header, tokens, mask, lengths, truncated = payload
     if rank != 0:
-        comm.Send(np.asarray([header.size, tokens.size, lengths.size], dtype=np.int64), dest=0, tag=10)
+        sizes = np.asarray([header.size, tokens.size, lengths.size], dtype=np.int64)
+        _wait(comm.Isend(sizes, dest=0, tag=10))
         for k, arr in enumerate((header, tokens, mask, lengths, truncated)):
-            comm.Send(np.ascontiguousarray(arr), dest=0, tag=11 + k)
+            _wait(comm.Isend(np.ascontiguousarray(arr), dest=0, tag=11 + k))
         return None
     out = [payload]
     for r in range(1, size):
         sizes = np.zeros(3, dtype=np.int64)
-        comm.Recv(sizes, source=r, tag=10)
+        _wait(comm.Irecv(sizes, source=r, tag=10))
         n_json, n_tok, n_rec = (int(x) for x in sizes)
         parts = [np.empty(n_json, np.uint8), np.empty(n_tok, dtype), np.empty(n_tok, np.uint8),
                  np.empty(n_rec, np.int64), np.empty(n_rec, np.uint8)]
         for k, arr in enumerate(parts):
-            comm.Recv(arr, source=r, tag=11 + k)
+            _wait(comm.Irecv(arr, source=r, tag=11 + k))
         out.append(tuple(parts))
     return out
 
@@ -315,7 +328,8 @@ def _all_ok(comm, ok: bool) -> bool:
     from mpi4py import MPI
 
     out = np.zeros(1, np.int64)
-    comm.Allreduce(np.asarray([0 if ok else 1], np.int64), out, op=MPI.SUM)
+    flag = np.asarray([0 if ok else 1], np.int64)
+    _wait(comm.Iallreduce(flag, out, op=MPI.SUM))
     return int(out[0]) == 0
 
 
@@ -348,6 +362,7 @@ def build(args, comm) -> int:
 
     rank = 0 if comm is None else comm.Get_rank()
     size = 1 if comm is None else comm.Get_size()
+    clock = {"start": time.perf_counter()}
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
     fail = lambda msg: print(f"error: {msg}" if size == 1 else f"error (rank {rank}): {msg}",  # noqa: E731
                              file=sys.stderr, flush=True)
@@ -378,11 +393,13 @@ def build(args, comm) -> int:
         return EXIT_BUILD_ERROR
     fields = Fields(args.prompt_field, args.response_field, args.domain_field)
     info = pf.tokenizer_info(tokenizer, args.tokenizer)
+    clock["setup"] = time.perf_counter()
     dtype = pf.token_dtype(info["vocab_size"])
 
     # 2. every rank tokenizes its contiguous share of each split; rank 0 gathers in rank order
     gathered = {}
     for split, sources in splits.items():
+        t0 = time.perf_counter()
         n = sum(s.num_units for s in sources)
         start, stop = n * rank // size, n * (rank + 1) // size
         desc = split if size == 1 else f"{split} (rank 0 of {size})"
@@ -391,13 +408,20 @@ def build(args, comm) -> int:
             shard = tokenize_shard(sources, start, stop, tokenizer, use_chat, args.max_length, fields,
                                    args.skip_bad, bar)
         payload = shard_payload(shard, dtype)
+        clock["tokenize"] = clock.get("tokenize", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
         gathered[split] = [payload] if comm is None else gather_payloads(comm, payload, dtype)
+        clock["gather"] = clock.get("gather", 0.0) + time.perf_counter() - t0
 
     # 3. rank 0 validates the whole, writes a staging dir, and renames it into place
     err = None
     if rank == 0:
         try:
+            t0 = time.perf_counter()
             err = write_pool(args, out, gathered, splits, info, use_chat, say)
+            if not args.quiet and err is None:
+                say(f"time (rank 0): setup {clock['setup'] - clock['start']:.2f} s, tokenize {clock['tokenize']:.2f} s, "
+                    f"gather {clock['gather']:.2f} s, write {time.perf_counter() - t0:.2f} s; {size} worker(s)")
         except Exception as e:  # report, and let every rank exit with the same status
             err = f"{type(e).__name__}: {e}"
         if err:
