@@ -72,13 +72,22 @@ class CostModel:
     where a collective over ``W`` ranks costs ``ceil(log2 W)`` latencies (tree / recursive
     doubling), an all-gather puts ``(W-1) * m`` bytes through each rank, an all-reduce ``2m``
     and a broadcast ``m``. Solver flops: ``2 k n p`` for the residual columns over the ``n``
-    rows a rank holds (``N`` replicated, ``max n_r`` sharded). The defaults are measured on
-    gloo over loopback TCP on CPU (tools/bench_distributed.py); pass measured values for a
-    real interconnect (NCCL: latency ~2e-5 s, bandwidth 1e10 B/s and up).
+    rows a rank holds (``N`` replicated, ``max n_r`` sharded). The defaults are fitted to gloo
+    over loopback TCP with the CPU solver (tools/bench_distributed.py, docs/DISTRIBUTED.md);
+    :meth:`for_backend` gives NCCL-typical values. Pass measured values for your cluster.
     """
-    latency_s: float = 1e-4
+    latency_s: float = 5e-4
     bandwidth_Bps: float = 2e9
-    flop_rate: float = 5e9
+    flop_rate: float = 2.5e9  # effective: includes the solver's per-pick overheads
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "CostModel":
+        """Defaults for a ``torch.distributed`` backend: ``gloo`` (and anything else) as measured
+        here; ``nccl`` with typical NVLink/InfiniBand latency and bandwidth and a GPU solver
+        (not measured in this project)."""
+        if backend == "nccl":
+            return cls(latency_s=3e-5, bandwidth_Bps=2e10, flop_rate=1e12)
+        return cls()
 
     def estimate(self, mode: str, *, n_total: int, n_max: int, p: int, itemsize: int, k: int,
                  world: int, rule: str = "greedy", method: str = "partitionsel") -> dict:
@@ -90,27 +99,29 @@ class CostModel:
         hops = max(1, math.ceil(math.log2(world))) if world > 1 else 0
         if mode == "replicated" or method not in _GREEDY:
             chunk = n_max * (p * itemsize + 8)
-            rounds = 2 if world > 1 else 0
-            sent = chunk if world > 1 else 0
-            wire = (world - 1) * chunk
+            rounds, sent, received = 2, chunk, (world - 1) * chunk
+            wire = received
             flops = 2.0 * k * n_total * p
         elif mode == "sharded":
             payload = 8 * (p + 4)
-            if world == 1:
-                rounds, sent, wire = 0, 0, 0
-            elif rule == "rrg":
+            if rule == "rrg":
                 shortlists = 24 * k * (k + 1) // 2  # (value, index, domain) x remaining budget
                 rounds, sent = 2 * k, shortlists + k * payload
-                wire = (world - 1) * shortlists + k * payload
+                received = (world - 1) * shortlists + k * payload
+                wire = received
             else:
                 reduces = 1 if itemsize <= 4 else 2
                 rounds, sent = (reduces + 1) * k, k * (8 * reduces + payload)
+                received = sent
                 wire = k * (16 * reduces + payload)
             flops = 2.0 * k * n_max * p
         else:
             raise ValueError(f"unknown mode {mode!r}; valid: replicated, sharded")
+        if world == 1:
+            rounds = sent = received = wire = 0
         seconds = rounds * hops * self.latency_s + wire / self.bandwidth_Bps + flops / self.flop_rate
-        return {"bytes_sent": int(sent), "rounds": int(rounds), "seconds": seconds}
+        return {"bytes_sent": int(sent), "bytes_received": int(received), "rounds": int(rounds),
+                "seconds": seconds}
 
     def choose(self, **shape) -> tuple:
         """``(mode, {mode: estimate})``: the mode with the smaller modelled time (ties: sharded)."""
@@ -311,8 +322,8 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
     drop_nonfinite = bool(options.get("drop_nonfinite", False))
     allow_shortfall = bool(options.get("allow_shortfall", False))
     step = options.get("step")
-    cost_model = options.get("cost_model") or CostModel()
     comm = SelectionComm(group, options.get("timeout"), _context(step))
+    cost_model = options.get("cost_model") or CostModel.for_backend(comm.backend)
 
     # Local validation; its outcome travels in the header so every rank raises together.
     error, finite, fingerprint = None, None, 0

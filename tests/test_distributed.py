@@ -320,7 +320,9 @@ def _spawn_failing(world, how, bound):
 def test_a_rank_that_dies_mid_selection_ends_the_others():
     reports, codes, dead = _spawn_failing(3, "exit", bound=60)
     assert dead == 1
-    assert codes == [3, 3], codes  # both survivors raised (and were not left hanging)
+    # both survivors raised and ended non-zero instead of hanging (3 from the raise, or a signal
+    # when gloo's threads abort during interpreter teardown)
+    assert all(code is not None and code != 0 for code in codes), codes
     for rank in (0, 1):
         kind, msg = reports[rank]
         assert kind == "CollectiveError" and "selection step 42" in msg, (rank, kind, msg)
@@ -332,7 +334,7 @@ def test_a_stuck_rank_times_out_with_the_step_in_the_error():
     kind, msg = reports[0]
     assert kind == "CollectiveError", (kind, msg)
     assert "selection step 42" in msg and "timeout 5 s" in msg and "pick 3" in msg, msg
-    assert codes == [3]
+    assert codes[0] is not None and codes[0] != 0, codes
 
 
 # ----------------------------------------------------------------------- cost model
