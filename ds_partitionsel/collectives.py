@@ -55,6 +55,7 @@ class SelectionComm:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.rounds = 0
+        self.seconds = 0.0  # waiting in collectives (includes waiting for slower ranks)
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world = dist.get_world_size(group)
@@ -78,6 +79,7 @@ class SelectionComm:
                 work.wait()
             else:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            self.seconds += time.monotonic() - start
         except Exception as exc:  # gloo raises RuntimeError; keep the original as the cause
             waited = time.monotonic() - start
             limit = f"timeout {self.timeout:g} s" if self.timeout is not None else \

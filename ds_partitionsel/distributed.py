@@ -36,6 +36,7 @@ most ``timeout`` seconds and its error names the step.
 import bisect
 import logging
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -304,7 +305,8 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
     -------
     Selection with global (rank-major) indices. ``bytes_sent``: bytes this rank handed to
     collectives in this call; ``info`` adds ``mode``, ``world_size``, ``rounds``,
-    ``bytes_received`` and, for ``auto``, the cost model's ``estimates``.
+    ``bytes_received``, ``time_comm`` (seconds waiting in collectives, including for slower
+    ranks), ``time_solve`` (the rest) and, for ``auto``, the cost model's ``estimates``.
 
     Raises
     ------
@@ -322,6 +324,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
     drop_nonfinite = bool(options.get("drop_nonfinite", False))
     allow_shortfall = bool(options.get("allow_shortfall", False))
     step = options.get("step")
+    start = time.perf_counter()
     comm = SelectionComm(group, options.get("timeout"), _context(step))
     cost_model = options.get("cost_model") or CostModel.for_backend(comm.backend)
 
@@ -400,7 +403,9 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
         sel.info["dropped"] = dropped
     _check_agreement(comm, sel)
     sel.bytes_sent = comm.bytes_sent
-    sel.info.update(info, mode=mode, rounds=comm.rounds, bytes_received=comm.bytes_received)
+    total = time.perf_counter() - start
+    sel.info.update(info, mode=mode, rounds=comm.rounds, bytes_received=comm.bytes_received,
+                    time_comm=comm.seconds, time_solve=total - comm.seconds)
     return sel
 
 
