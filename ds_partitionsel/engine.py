@@ -170,6 +170,7 @@ class PartitionSelEngine:
             "step": step, "method": cfg.method, "train_loss": train_loss,
             "lr": self._lr(), "pool_size": self.pool_size, "batch_size": self.batch_size,
             "domain_counts": dict(zip(self.pool.domain_names, sel.domain_counts.tolist())),
+            "selected": [int(pool_ids[i]) for i in sel.indices.tolist()],
             "utility": sel.utility, "dropped": dropped, "bytes_sent": int(sel.bytes_sent),
             "mode": sel.info.get("mode", "local"),
             "time_s": {"sketch": sel.info["time_sketch"], "solve": sel.info.get("time_solve", 0.0),
@@ -203,15 +204,14 @@ class PartitionSelEngine:
             features = self._sketch_records(self.pool, local_ids.tolist())
             target = self._validation_target(step)
         t_sketch = time.perf_counter() - t0
-        finite = torch.isfinite(features).all(1)
-        dropped = self._all_sum(int((~finite).sum()))
-        if dropped:
-            logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
         sel = distributed.select(
             cfg.method, features, local_domains, target, budgets, lr=self._lr(), ridge=cfg.ridge,
             mode=cfg.mode, generator=generator("select", cfg.seed, step), rule=cfg.rule,
             nonneg=cfg.nonneg, drop_nonfinite=True, step=step, timeout=cfg.timeout_s)
         sel.info["time_sketch"] = t_sketch
+        dropped = int(sel.info.get("dropped", 0))
+        if dropped:
+            logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
         return sel, features, dropped
 
     def _budgets(self, pool_domains):
@@ -358,13 +358,6 @@ class PartitionSelEngine:
         if self.world > 1:
             dist.all_reduce(rows)
         return conflicting_pairs(torch.nan_to_num(rows), torch.arange(sel.k))
-
-    def _all_sum(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t)
-        return int(t)
 
     def _emit(self, record: dict) -> None:
         mon = getattr(self.engine, "monitor", None)

@@ -19,7 +19,11 @@ if mpirun --version 2>&1 | grep -qi "open mpi"; then
     [ "$(id -u)" = 0 ] && MPI_ARGS+=(--allow-run-as-root)
     MPI_ARGS+=(-x OMP_NUM_THREADS=1 -x MASTER_ADDR="$MASTER_ADDR" -x MASTER_PORT="$MASTER_PORT"
                -x DS_ACCELERATOR -x PATH -x PYTHONPATH)
-    if [ -n "${HOSTS:-}" ]; then MPI_ARGS+=(--host "$HOSTS"); else MPI_ARGS+=(--mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo); fi
+    if [ -n "${HOSTS:-}" ]; then
+        MPI_ARGS+=(--host "$HOSTS")
+    else
+        MPI_ARGS+=(--mca btl self,sm)  # one node: shared memory only, no network interface chosen
+    fi
 else  # MPICH / hydra
     MPI_ARGS+=(-genv OMP_NUM_THREADS 1 -genv MASTER_ADDR "$MASTER_ADDR" -genv MASTER_PORT "$MASTER_PORT")
     [ -n "${HOSTS:-}" ] && MPI_ARGS+=(-hosts "$HOSTS")
