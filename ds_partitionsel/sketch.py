@@ -296,6 +296,17 @@ class GradientSketcher:
         ``cat([W.grad_i.flatten() (, b.grad_i) for each module])``.
     feature_dim : int
         ``p``, the number of columns returned by :meth:`sketch`.
+
+    Notes
+    -----
+    Under ZeRO-3 a forward gathers parameters collectively, so every rank must call
+    :meth:`sketch` the same number of times with the same number of forwards (same ``n`` and
+    ``batch_size``), as in training. Rows with no label still run the forward. Sketches are
+    rank-local: each rank sketches its own rows, and needs nothing from the others.
+
+    Memory per forward: the hooked layers' activations and output gradients for the batch, the
+    logits at the positions that predict a label (``(n, K, vocab)`` floats, usually the largest
+    term), and the features. ``batch_size`` bounds all but the features.
     """
 
     def __init__(self, model: nn.Module, *, modules: ModuleSpec = DEFAULT_NUM_BLOCKS,
@@ -402,22 +413,21 @@ class GradientSketcher:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
         empty = labels.sum(1) == 0
-        if bool(empty.all()):
-            raise ValueError("loss_mask selects no label token in any row; nothing to sketch "
-                             "(label t needs loss_mask[t], attention_mask[t] and attention_mask[t-1], t >= 1)")
         if bool(empty.any()):
-            warnings.warn(f"rows {_row_list(empty)} have no label token in loss_mask; "
+            # A warning, not an error, even when every row is empty: under ZeRO-3 the forward
+            # must still run so that this rank's parameter gathers match the other ranks'.
+            warnings.warn(f"rows {_row_list(empty)} have no label token in loss_mask (label t "
+                          f"needs loss_mask[t], attention_mask[t] and attention_mask[t-1], t >= 1); "
                           f"their features are zero rows and their losses 0", RuntimeWarning,
                           stacklevel=2)
 
-        features, losses = [], []
+        # filled in place, batch by batch and block by block: no concatenation copies
+        features = torch.zeros(n, self.feature_dim, dtype=self.compute_dtype, device=input_ids.device)
+        losses = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
         for start in range(0, n, step):
             sl = slice(start, min(start + step, n))
-            f, l = self._sketch_batch(input_ids[sl], attention_mask[sl], labels[sl])
-            features.append(f)
-            losses.append(l)
-        features = torch.cat(features)
-        losses = torch.cat(losses)
+            losses[sl] = self._sketch_batch(input_ids[sl], attention_mask[sl], labels[sl],
+                                            features[sl])
 
         bad = ~torch.isfinite(features).all(1)
         if bool(bad.any()):
@@ -461,7 +471,8 @@ class GradientSketcher:
 
     # ------------------------------------------------------------------ one batch
 
-    def _sketch_batch(self, input_ids, attention_mask, labels):
+    def _sketch_batch(self, input_ids, attention_mask, labels, out: torch.Tensor) -> torch.Tensor:
+        """Write the batch's features into ``out`` ``(n, p)`` (zeros on entry); return its losses."""
         model = self.model
         captures = {name: _Capture() for name in self.module_names}
         handles = []
@@ -480,9 +491,8 @@ class GradientSketcher:
                 raise RuntimeError(f"hooked modules did not run in the forward: {missing[:5]}; "
                                    f"choose modules that the model uses")
             outputs = [y for c in captures.values() for y in c.outputs]
-            if not losses.requires_grad:
-                raise RuntimeError("the loss does not depend on the hooked modules' outputs")
-            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True,
+                                         materialize_grads=True)
         finally:
             for h in handles:
                 h.remove()
@@ -492,8 +502,7 @@ class GradientSketcher:
 
         real = attention_mask.bool().unsqueeze(-1)
         with torch.no_grad():
-            feats, pos = None, 0
-            parts = []
+            offset = 0
             for block in self.blocks:
                 cap = captures[block.name]
                 n_out = len(cap.outputs)
@@ -502,15 +511,13 @@ class GradientSketcher:
                 cap.inputs.clear()
                 cap.outputs.clear()
                 if self._projector is not None:
-                    feats = self._projector.project_block(block.name, part, feats)
+                    self._projector.project_block(block.name, part, out)
                 else:
-                    parts.append(part)
-                pos += block.width
-            if self._projector is None:
-                feats = torch.cat(parts, dim=1)
-            empty = labels.sum(1) == 0
-            feats[empty] = 0
-        return feats, losses.detach().float()
+                    out[:, offset:offset + block.width] = part
+                    offset += block.width
+                del part
+            out[labels.sum(1) == 0] = 0
+        return losses.detach().float()
 
     def _pre_hook(self, module, args):
         # The forward runs under no_grad up to here: only the hooked part records a graph.
@@ -559,8 +566,9 @@ class GradientSketcher:
             logits = self.model(**kwargs).logits
         else:
             logits = self.model(**kwargs).logits[:, predictors]
-        if not torch.is_grad_enabled() or not logits.requires_grad:
-            raise RuntimeError("no hooked module ran in the forward (the logits carry no graph)")
+        if not logits.requires_grad:
+            raise RuntimeError("the logits do not depend on the hooked modules' outputs; "
+                               "choose modules that the model uses before its output head")
         targets = input_ids[:, predictors + 1]
         weights = labels[:, predictors + 1].to(torch.float32)
         counts = weights.sum(1, keepdim=True)
@@ -574,10 +582,7 @@ class GradientSketcher:
         """``(n, block.width)``: the module's weight (and bias) gradient sketch, summed over calls."""
         module = dict(self._modules)[block.name]
         out = None
-        for x, delta in zip(cap.inputs, deltas):
-            if delta is None:  # the output did not reach the loss
-                delta = torch.zeros(x.shape[:-1] + (module.out_features,), dtype=self.compute_dtype,
-                                    device=x.device)
+        for x, delta in zip(cap.inputs, deltas):  # unused outputs get zero deltas
             delta = delta.to(self.compute_dtype)
             # padding never contributes, even if the model left NaN there
             x = torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))

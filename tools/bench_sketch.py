@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""Benchmark per-sample gradient sketches on a real causal LM against the torch.func baseline.
+
+One run, one model, one pool (default: SmolLM2-135M, 32 sequences x 256 tokens, the nn.Linear
+weights of the last 3 blocks). Methods, side by side:
+
+- ``forward``  : a plain ``torch.no_grad`` forward of the pool (the physical floor).
+- ``exact``    : ``GradientSketcher(mode="exact")``: the per-sample gradients themselves.
+- ``kron``     : ``GradientSketcher(mode="kron", kron_dims=k, dim=p)``.
+- ``func``     : per-sample gradients by ``torch.func`` (``vmap(grad)``) for the same weights,
+  then a dense Gaussian projection to the same ``p`` (rows of the ``D x p`` matrix generated in
+  chunks, each chunk applied to the whole pool). Run in chunks of ``--func-chunk`` sequences.
+
+Each method runs in a fresh Python process, so its peak memory is measured alone: the peak
+resident set size during the method minus the resident set size after loading the model and
+the pool (``VmHWM`` reset through ``/proc/self/clear_refs``). Gram-matrix errors are
+``||K_hat - K||_F / ||K||_F`` against the ``exact`` Gram ``K`` (unnormalized features).
+
+Pool: the demo dataset (``.cache/demo_data/train.jsonl``) when present, else random token ids.
+Each sequence is one example's prompt + response followed by the next examples' text until it
+holds ``--seq`` tokens; ``loss_mask`` covers every token after the first prompt.
+
+Usage::
+
+    python tools/bench_sketch.py --out runs/bench_sketch.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("forward", "exact", "kron", "func")
+
+
+# --------------------------------------------------------------------------- memory accounting
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- pool
+
+def build_pool(tokenizer, n: int, seq: int, data: Path | None, seed: int):
+    import torch
+
+    if data is not None and data.exists():
+        rows = [json.loads(line) for line in data.open()]
+        random.Random(seed).shuffle(rows)  # mix the domains
+        ids, loss = [], []
+        k = 0
+        for _ in range(n):
+            k += 1  # every sequence starts at a new example
+            first = rows[k % len(rows)]
+            prompt = tokenizer(first["prompt"] + "\n", add_special_tokens=False)["input_ids"]
+            tokens = list(prompt)
+            text = first["response"]
+            while len(tokens) < seq:
+                tokens += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+                k += 1
+                nxt = rows[k % len(rows)]
+                text = nxt["prompt"] + "\n" + nxt["response"]
+            tokens = tokens[:seq]
+            ids.append(tokens)
+            n_prompt = min(len(prompt), seq - 2)  # keep at least one label
+            loss.append([False] * n_prompt + [True] * (seq - n_prompt))
+        source = str(data)
+        return torch.tensor(ids), torch.ones(n, seq, dtype=torch.long), torch.tensor(loss), source
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tokenizer.vocab_size, (n, seq), generator=g)
+    loss = torch.ones(n, seq, dtype=torch.bool)
+    loss[:, : seq // 4] = False
+    return ids, torch.ones(n, seq, dtype=torch.long), loss, "random token ids"
+
+
+# --------------------------------------------------------------------------- methods
+
+def gram64(features, chunk: int = 1 << 20):
+    """``features @ features.T`` accumulated in float64 over column chunks.
+
+    A float32 matmul over ~10^7 columns loses about 1e-3 relative accuracy on the diagonal,
+    more than the differences this benchmark measures.
+    """
+    import torch
+
+    n = features.shape[0]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(0, features.shape[1], chunk):
+        block = features[:, s:s + chunk].double()
+        out += block @ block.T
+    return out
+
+
+def run_method(args) -> dict:
+    """Time one method in this process; peak memory is measured beyond the loaded model and pool."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_partitionsel.sketch import GradientSketcher
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = Path(args.data) if args.data else None
+    ids, attn, loss, source = build_pool(tokenizer, args.pool, args.seq, data, args.seed)
+    sketch_kwargs = dict(modules=args.blocks, normalize=False)
+    names = GradientSketcher(model, **sketch_kwargs).module_names
+    with torch.no_grad():  # warm-up (thread pools, lazy inits) outside the timed region
+        model(input_ids=ids[:1, :16], use_cache=False)
+    base_kib = _rss_kib("VmRSS")
+    peak_reset = _reset_peak()
+    result = {"method": args.method, "pool_source": source, "peak_reset": peak_reset}
+
+    times = []
+    if args.method == "forward":
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for s in range(0, args.pool, args.chunk):
+                    model(input_ids=ids[s:s + args.chunk], attention_mask=attn[s:s + args.chunk],
+                          use_cache=False)
+            times.append(time.perf_counter() - t0)
+        gram = None
+    elif args.method in ("exact", "kron"):
+        mode_kwargs = ({"mode": "exact"} if args.method == "exact"
+                       else {"mode": "kron", "kron_dims": args.kron_dims, "dim": args.dim})
+        sk = GradientSketcher(model, **sketch_kwargs, **mode_kwargs)
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            feats = sk.sketch(ids, attn, loss, batch_size=args.chunk)
+            times.append(time.perf_counter() - t0)
+        result["feature_dim"] = feats.shape[1]
+        gram = gram64(feats)
+        del feats
+    else:  # one repeat: minutes long
+        t0 = time.perf_counter()
+        gram = func_baseline(model, names, ids, attn, loss, args, result)
+        times.append(time.perf_counter() - t0)
+    result["seconds"] = min(times)
+    result["all_seconds"] = times
+    result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+    result["gram"] = None if gram is None else gram.double().tolist()
+    result["hooked_params"] = sum(dict(model.named_modules())[n].weight.numel() for n in names)
+    return result
+
+
+def func_baseline(model, names, ids, attn, loss, args, result):
+    """torch.func per-sample gradients (vmap of grad) then a dense Gaussian projection to p."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+    from tqdm import tqdm
+
+    from ds_partitionsel.projection import BlockGaussianProjection
+
+    modules = dict(model.named_modules())
+    params = {n + ".weight": modules[n].weight.detach() for n in names}
+
+    # The pool has no padding; HF's mask builder branches on the mask's values, which vmap
+    # cannot trace, so the baseline runs without an attention mask.
+    if not bool(attn.all()):
+        raise ValueError("the torch.func baseline needs an unpadded pool")
+
+    def row_loss(p, row_ids, row_mask):
+        out = functional_call(model, p, (row_ids[None],), {"use_cache": False})
+        w = row_mask[1:].float()
+        nll = F.cross_entropy(out.logits[0, :-1].float(), row_ids[1:], reduction="none")
+        return (nll * w).sum() / w.sum()
+
+    per_sample = vmap(grad(row_loss), in_dims=(None, 0, 0))
+    grads = {n: [] for n in names}
+    t0 = time.perf_counter()
+    with torch.no_grad():  # only torch.func's own level differentiates
+        for s in tqdm(range(0, args.pool, args.func_chunk), desc="torch.func chunks", file=sys.stderr):
+            sl = slice(s, s + args.func_chunk)
+            g = per_sample(params, ids[sl], loss[sl])
+            for n in names:
+                grads[n].append(g[n + ".weight"].flatten(1))
+            del g
+        grads = {n: torch.cat(v) for n, v in grads.items()}
+        result["func_seconds"] = time.perf_counter() - t0
+        exact_gram = sum(gram64(v) for v in grads.values())
+        t1 = time.perf_counter()
+        proj = BlockGaussianProjection(args.dim, seed=args.seed, chunk_rows=4096, cache_bytes=0)
+        out = None
+        for n in tqdm(names, desc="dense projection", file=sys.stderr):
+            out = proj.project_block(n, grads[n], out)
+            del grads[n]
+        result["projection_seconds"] = time.perf_counter() - t1
+    result["feature_dim"] = args.dim
+    result["exact_gram"] = exact_gram.double().tolist()
+    return gram64(out)
+
+
+# --------------------------------------------------------------------------- driver
+
+def rel_err(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(REPO / ".cache/models/smollm2-135m"))
+    ap.add_argument("--data", default=str(REPO / ".cache/demo_data/train.jsonl"))
+    ap.add_argument("--pool", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=3, help="hook every nn.Linear of the last N blocks")
+    ap.add_argument("--kron-dims", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=256, help="p: output width of kron and of the baseline")
+    ap.add_argument("--chunk", type=int, default=8, help="sequences per forward for forward/exact/kron")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed repeats of forward/exact/kron (the minimum is reported; func runs once)")
+    ap.add_argument("--func-chunk", type=int, default=8, help="sequences per torch.func vmap call")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(REPO / "runs/bench_sketch.json"))
+    ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # worker mode
+    args = ap.parse_args(argv)
+
+    if args.method:
+        print(json.dumps(run_method(args)))
+        return 0
+    if not Path(args.model).exists():
+        sys.exit(f"model folder {args.model} not found: run `python tools/fetch_demo_data.py --model-only`")
+
+    results = {}
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        cmd = [sys.executable, __file__, "--method", method] + [
+            a for a in (argv if argv is not None else sys.argv[1:])]
+        print(f"[bench_sketch] running {method} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            sys.exit(f"method {method} failed with exit code {proc.returncode}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    exact_gram = (results.get("exact") or {}).get("gram")
+    if exact_gram is not None:
+        for r in results.values():
+            if r.get("gram") is not None:
+                r["gram_rel_err"] = rel_err(r["gram"], exact_gram)
+            if r.get("exact_gram") is not None:
+                r["func_exact_gram_rel_err"] = rel_err(r["exact_gram"], exact_gram)
+    floor = results.get("forward", {}).get("seconds")
+    func = results.get("func", {})
+    rows = []
+    for m, r in results.items():
+        row = {"method": m, "seconds": r["seconds"], "peak_extra_mib": r["peak_extra_mib"],
+               "feature_dim": r.get("feature_dim"), "gram_rel_err": r.get("gram_rel_err"),
+               "x_forward": r["seconds"] / floor if floor else None,
+               "speedup_vs_func": func["seconds"] / r["seconds"] if func and m != "forward" else None,
+               "mem_ratio_vs_func": (func["peak_extra_mib"] / r["peak_extra_mib"]
+                                     if func and m != "forward" and r["peak_extra_mib"] > 0 else None)}
+        rows.append(row)
+
+    print(f"\nSketch benchmark: {Path(args.model).name}, pool {args.pool} x {args.seq} tokens, "
+          f"last {args.blocks} blocks ({results[methods[0]]['hooked_params']:,} weights), "
+          f"{args.threads} threads, pool: {results[methods[0]]['pool_source']}")
+    print(f"kron: kron_dims={args.kron_dims}, dim={args.dim}; func: vmap(grad) in chunks of "
+          f"{args.func_chunk} + dense Gaussian projection to {args.dim}; others in chunks of {args.chunk}")
+    fmt = "{:<8} {:>9} {:>12} {:>11} {:>10} {:>11} {:>12} {:>12}"
+    print(fmt.format("method", "time s", "peak MiB", "p", "Gram err", "x forward", "speedup", "mem ratio"))
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+    for row in rows:
+        print(fmt.format(row["method"], f(row["seconds"], ".2f"), f(row["peak_extra_mib"], ".0f"),
+                         f(row["feature_dim"], ","), f(row["gram_rel_err"], ".2e"),
+                         f(row["x_forward"], ".2f"), f(row["speedup_vs_func"], ".1f"),
+                         f(row["mem_ratio_vs_func"], ".1f")))
+    if func:
+        print(f"func split: per-sample grads {func['func_seconds']:.1f} s, projection "
+              f"{func['projection_seconds']:.1f} s; its exact Gram vs ours: "
+              f"{func.get('func_exact_gram_rel_err', float('nan')):.2e}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for r in results.values():
+        r.pop("gram", None)
+        r.pop("exact_gram", None)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "method"},
+                               "table": rows, "results": results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
