@@ -52,8 +52,8 @@ def _engine(real, config, lr=3e-3, seed=0, output_dir=None):
 
 # ----------------------------------------------------------------------------- workers
 
-def _train_worker(rank, world, real, stage, steps, method):
-    engine = _engine(real, _ds_config(stage, method))
+def _train_worker(rank, world, real, stage, steps, method, block=None):
+    engine = _engine(real, _ds_config(stage, method, **(block or {})))
     before = engine.evaluate()["mean"]
     recs = [engine.train_step() for _ in range(steps)]
     after = engine.evaluate()["mean"]
@@ -165,9 +165,14 @@ def _nonfinite_worker(rank, world, real):
 
 # ----------------------------------------------------------------------------- tests
 
+# each stage also covers one more option of the block
+STAGE_OPTIONS = {0: {}, 1: {"use_weights": True}, 2: {"mode": "replicated"},
+                 3: {"rule": "rrg", "budget": {"strategy": "uniform"}}}
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_trains_and_all_ranks_apply_the_same_selection(real, stage):
-    out = run_ranks(_train_worker, 2, real, stage, 6, "partitionsel")
+    out = run_ranks(_train_worker, 2, real, stage, 6, "partitionsel", STAGE_OPTIONS[stage])
     for r in out:
         assert r["after"] < r["before"], f"held-out loss did not fall at ZeRO-{stage}: {r}"
         for counts in r["counts"]:

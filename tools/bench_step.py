@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Per-step cost of PartitionSel against ``random`` and against the unavoidable floor.
+
+In one run, on 2 ranks (``deepspeed`` launcher), for ZeRO-2 and ZeRO-3, with a small real model
+(SmolLM2-135M truncated to its first ``--num-layers`` pretrained blocks) on the demo pool:
+
+- ``partitionsel``: a full ``train_step`` (pool -> sketch -> select -> train);
+- ``random``: the same step selecting the same batch size at random (no sketches);
+- ``floor``: a plain no-grad forward of this rank's pool shard plus ``random``'s train part.
+
+The overhead beyond the floor is ``partitionsel - floor``, reported in seconds and as a fraction
+of the pool's plain forward. Prints a table, writes JSON.
+
+    python tools/bench_step.py --out runs/bench_step.json
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ds_config(stage, method, args):
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
+        "partitionsel": {"method": method, "pool_factor": args.pool_factor, "seed": 3,
+                         "sketch": {"modules": 3, "mode": args.sketch_mode, "micro_batch": args.sketch_batch},
+                         "validation": {"anchors": args.anchors}, "mode": "auto"},
+    }
+
+
+def worker(args):
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from ds_partitionsel.data import CandidatePool
+    from ds_partitionsel.engine import initialize
+    from ds_partitionsel.launch_env import init_distributed
+    from ds_partitionsel.sampler import shard_bounds
+
+    init_distributed()
+    rank = torch.distributed.get_rank()
+    torch.set_num_threads(1)
+    tok = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    pool = CandidatePool(args.pool, "train", tokenizer=tok)
+    valid = CandidatePool(args.pool, "valid")
+    results = []
+    cases = [(stage, method) for stage in args.stages for method in ("partitionsel", "random")]
+    for stage, method in tqdm(cases, disable=rank != 0, desc="bench_step"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                                  dtype=torch.float32)
+        model.model.layers = model.model.layers[: args.num_layers]
+        model.config.num_hidden_layers = args.num_layers
+        engine, _, _, _ = initialize(model, ds_config(stage, method, args), pool, valid,
+                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), tokenizer=tok)
+        steps, forwards = [], []
+        for step in range(args.warmup + args.steps):
+            rec = engine.train_step()
+            # the floor's forward: a plain no-grad forward of the same pool shard
+            pool_ids = engine.sampler.pool(step)
+            lo, hi = shard_bounds(engine.pool_size, engine.world)[engine.rank]
+            ids = pool_ids[lo:hi].tolist()
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                engine.module.eval()
+                for s in range(0, len(ids), args.sketch_batch):
+                    b = pool.collate(ids[s:s + args.sketch_batch], engine.pad_token_id)
+                    engine.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                engine.module.train()
+            torch.distributed.barrier()
+            t_fwd = time.perf_counter() - t0
+            if step >= args.warmup:
+                steps.append(rec["time_s"])
+                forwards.append(t_fwd)
+        med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+        results.append({"stage": stage, "method": method, "time_s": med,
+                        "pool_forward_s": statistics.median(forwards), "pool_size": engine.pool_size,
+                        "batch_size": engine.batch_size})
+        del engine
+    if rank == 0:
+        with open(args.out + ".raw", "w") as fh:
+            json.dump(results, fh)
+    torch.distributed.barrier()
+
+
+def report(args):
+    with open(args.out + ".raw") as fh:
+        raw = json.load(fh)
+    os.remove(args.out + ".raw")
+    rows = []
+    for stage in args.stages:
+        ps = next(r for r in raw if r["stage"] == stage and r["method"] == "partitionsel")
+        rnd = next(r for r in raw if r["stage"] == stage and r["method"] == "random")
+        fwd = ps["pool_forward_s"]
+        floor = fwd + rnd["time_s"]["train"]
+        t_ps = ps["time_s"]["total"]
+        overhead = t_ps - floor
+        rows.append({"zero_stage": stage, "pool_size": ps["pool_size"], "batch_size": ps["batch_size"],
+                     "partitionsel_s": t_ps, "random_s": rnd["time_s"]["total"], "floor_s": floor,
+                     "pool_forward_s": fwd, "sketch_s": ps["time_s"]["sketch"], "solve_s": ps["time_s"]["solve"],
+                     "comm_s": ps["time_s"]["comm"], "train_s": ps["time_s"]["train"],
+                     "overhead_beyond_floor_s": overhead, "overhead_over_pool_forward": overhead / fwd,
+                     "sketch_over_pool_forward": ps["time_s"]["sketch"] / fwd,
+                     "ratio_vs_random": t_ps / rnd["time_s"]["total"]})
+    hdr = (f"{'ZeRO':>4} | {'PS s':>7} {'random s':>8} {'floor s':>7} | {'fwd s':>6} {'sketch s':>8} "
+           f"{'solve s':>7} {'comm s':>6} {'train s':>7} | {'x random':>8} {'overhead/fwd':>12}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['zero_stage']:>4} | {r['partitionsel_s']:>7.2f} {r['random_s']:>8.2f} {r['floor_s']:>7.2f} | "
+              f"{r['pool_forward_s']:>6.2f} {r['sketch_s']:>8.2f} {r['solve_s']:>7.3f} {r['comm_s']:>6.3f} "
+              f"{r['train_s']:>7.2f} | {r['ratio_vs_random']:>8.2f} {r['overhead_over_pool_forward']:>12.2f}")
+    meta = {k: v for k, v in vars(args).items() if k != "worker"}
+    with open(args.out, "w") as fh:
+        json.dump({"config": meta, "results": rows}, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=".cache/models/smollm2-135m")
+    ap.add_argument("--pool", default=".cache/pools/demo256")
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--pool-factor", type=int, default=8)
+    ap.add_argument("--sketch-batch", type=int, default=8)
+    ap.add_argument("--sketch-mode", default="kron")
+    ap.add_argument("--anchors", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench_step.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out = os.path.abspath(args.out)
+    if args.worker:
+        return worker(args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
+           *sys.argv[1:]]
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
