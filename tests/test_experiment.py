@@ -37,13 +37,20 @@ def test_experiment_runs_and_regenerates_table_and_plots(tmp_path):
     assert rows["random"]["eval_loss"]["mean"]["mean"] > 0
     assert rows["random"]["delta_vs_partitionsel"]["n"] == 1
     assert abs(sum(rows["partitionsel"]["mix"].values()) - 1) < 1e-9
+    # the untrained reference: held-out loss before any step, on the same eval subset
+    untrained = [json.loads(l) for l in open(results / "runs" / "untrained" / "seed7" / "metrics.jsonl")]
+    assert [r["step"] for r in untrained] == [0] and "mean" in untrained[0]["eval_loss"]
+    assert table["f25"]["untrained"]["mean"]["mean"] == untrained[0]["eval_loss"]["mean"]
+    assert rows["random"]["delta_vs_untrained"]["n"] == 1
+    curve = [json.loads(l) for l in open(results / "f25" / "seed_mean_logs" / "random.jsonl")]
+    assert [r["step"] for r in curve if "eval_loss" in r] == [0, 1, 2]
 
     # the report regenerates from the kept logs alone
     for path in [results / "table.json", results / "table.md", *results.glob("f25/*.png")]:
         path.unlink()
     assert experiment.main(["--report-only"] + common) == 0
     md = (results / "table.md").read_text()
-    assert "| **partitionsel** |" in md and "| random |" in md
+    assert "| **partitionsel** |" in md and "| random |" in md and "| untrained (step 0) |" in md
     for name in ("eval_loss.png", "domain_mix.png", "conflicting_pairs.png", "time_split.png"):
         assert (results / "f25" / name).stat().st_size > 1000
     assert (results / "f25" / "summary.md").is_file()

@@ -106,7 +106,9 @@ def write_ds_config(args, path: Path) -> Path:
     return path
 
 
-def train_command(args, ds_config: Path, method: str, fraction: float, seed: int, out_dir: Path) -> list:
+def train_command(args, ds_config: Path, method: str, fraction, seed: int, out_dir: Path) -> list:
+    """The launch/train.py command of one run; ``method="untrained"``: evaluate only, no step."""
+    untrained = method == "untrained"
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "launch/train.py"]
@@ -115,9 +117,10 @@ def train_command(args, ds_config: Path, method: str, fraction: float, seed: int
         cmd += ["--num-layers", str(args.num_layers)]
     if args.lora:
         cmd.append("--lora")
-    cmd += ["--pool", args.pool, "--deepspeed_config", str(ds_config), "--steps", str(args.steps),
-            "--method", method, "--seed", str(seed), "--output-dir", str(out_dir),
-            "--set", f"pool_factor={pool_factor(fraction)}",
+    cmd += ["--pool", args.pool, "--deepspeed_config", str(ds_config),
+            "--steps", "0" if untrained else str(args.steps), "--method", "random" if untrained else method,
+            "--seed", str(seed), "--output-dir", str(out_dir),
+            "--set", f"pool_factor={pool_factor(fraction or 1)}",
             "--set", f"eval_interval={args.eval_interval}", "--set", f"eval_samples={args.eval_samples}",
             "--set", f"sketch.micro_batch={args.sketch_micro_batch}",
             "--set", f"validation.anchors={args.anchors}"]
@@ -125,7 +128,7 @@ def train_command(args, ds_config: Path, method: str, fraction: float, seed: int
         cmd += ["--lr", str(args.lr)]
     for item in args.set:
         cmd += ["--set", item]
-    if not args.eval_interval or args.steps % args.eval_interval:
+    if untrained or not args.eval_interval or args.steps % args.eval_interval:
         cmd.append("--eval-at-end")  # the last eval must be at the last step, for every method
     return cmd
 
@@ -163,16 +166,19 @@ def run_all(args) -> list:
     out = REPO / args.out
     ds_config = write_ds_config(args, out / "ds_config.json")
     jobs = [(f, s, m) for f in args.fractions for s in args.seeds for m in args.methods]
+    jobs += [(None, s, "untrained") for s in args.seeds]  # held-out loss before any step, per seed
     bar = tqdm(jobs, desc="experiment", unit="run")
     failures = []
     for fraction, seed, method in bar:
-        run_dir = out / "runs" / frac_tag(fraction) / method / f"seed{seed}"
-        bar.set_postfix_str(f"{frac_tag(fraction)} seed{seed} {method}")
+        where = Path(frac_tag(fraction)) / method if fraction else Path(method)
+        run_dir = out / "runs" / where / f"seed{seed}"
+        bar.set_postfix_str(f"{where} seed{seed}")
         summary = run_dir / "summary.json"
         if summary.is_file() and not args.fresh:
             continue
+        cmd = train_command(args, ds_config, method, fraction, seed, run_dir)
         try:
-            seconds = run_one(args, train_command(args, ds_config, method, fraction, seed, run_dir), run_dir)
+            seconds = run_one(args, cmd, run_dir)
         except RuntimeError as e:
             tqdm.write(str(e), file=sys.stderr)
             failures.append(str(run_dir))
@@ -180,7 +186,7 @@ def run_all(args) -> list:
         data = json.loads(summary.read_text())
         data.update(fraction=fraction, seed=seed, wall_s=round(seconds, 1))
         summary.write_text(json.dumps(data, indent=2))
-        keep_logs(run_dir, REPO / args.results / "runs" / frac_tag(fraction) / method / f"seed{seed}")
+        keep_logs(run_dir, REPO / args.results / "runs" / where / f"seed{seed}")
     return failures
 
 
@@ -237,16 +243,27 @@ def mean_std(values):
 def load_results(root: Path) -> dict:
     """{fraction tag: {method: {seed: records}}} from ``root/runs``."""
     found = {}
-    for path in sorted((root / "runs").glob("*/*/seed*/metrics.jsonl")):
+    for path in sorted((root / "runs").glob("f*/*/seed*/metrics.jsonl")):
         seed_dir = path.parent
         tag, method, seed = seed_dir.parent.parent.name, seed_dir.parent.name, int(seed_dir.name[4:])
         found.setdefault(tag, {}).setdefault(method, {})[seed] = read_jsonl(path)
     return found
 
 
-def aggregate(found: dict) -> dict:
+def load_untrained(root: Path) -> dict:
+    """{seed: held-out loss per domain before training} from ``root/runs/untrained``."""
+    out = {}
+    for path in sorted((root / "runs" / "untrained").glob("seed*/metrics.jsonl")):
+        evals = [r for r in read_jsonl(path) if "eval_loss" in r]
+        if evals:
+            out[int(path.parent.name[4:])] = evals[-1]["eval_loss"]
+    return out
+
+
+def aggregate(found: dict, untrained: dict) -> dict:
     """Per fraction and method: mean/std over seeds of every table quantity, plus the paired
-    difference of mean held-out loss against PartitionSel (same seed = same pools and eval set)."""
+    differences of mean held-out loss against PartitionSel (same seed = same pools and eval set)
+    and against the untrained model (``untrained``: {seed: eval loss}, same eval subset)."""
     table = {}
     for tag, methods in sorted(found.items()):
         stats = {m: {s: run_stats(recs) for s, recs in seeds.items()} for m, seeds in methods.items()}
@@ -271,12 +288,17 @@ def aggregate(found: dict) -> dict:
             row["delta_vs_partitionsel"] = mean_std([
                 per_seed[s]["eval_loss"]["mean"] - ours[s]["eval_loss"]["mean"] for s in seeds
                 if s in ours and "mean" in per_seed[s]["eval_loss"] and "mean" in ours[s]["eval_loss"]])
+            row["delta_vs_untrained"] = mean_std([
+                per_seed[s]["eval_loss"]["mean"] - untrained[s]["mean"] for s in seeds
+                if s in untrained and "mean" in per_seed[s]["eval_loss"]])
             row["partitionsel_better"] = sum(
                 1 for s in seeds if s in ours and per_seed[s]["eval_loss"].get("mean") is not None
                 and ours[s]["eval_loss"].get("mean") is not None
                 and ours[s]["eval_loss"]["mean"] < per_seed[s]["eval_loss"]["mean"])
             rows[method] = row
-        table[tag] = {"domains": domains, "methods": rows}
+        seeds = sorted({s for row in rows.values() for s in row["seeds"]})
+        before = {d: mean_std([untrained[s].get(d) for s in seeds if s in untrained]) for d in domains + ["mean"]}
+        table[tag] = {"domains": domains, "methods": rows, "untrained": before}
     return table
 
 
@@ -298,23 +320,29 @@ def table_markdown(table: dict) -> str:
                   f"held-out loss at step {', '.join(map(str, any_row['eval_step']))}, "
                   f"seeds {', '.join(map(str, any_row['seeds']))} (mean ± std over seeds)", ""]
         head = ["method"] + [f"eval {d}" for d in domains] + \
-            ["eval mean", "Δ mean vs partitionsel (paired)", "partitionsel better (seeds)",
+            ["eval mean", "Δ mean vs step 0", "Δ mean vs partitionsel (paired)", "partitionsel better (seeds)",
              "conflicting pairs / batch", "selected mix (" + "/".join(domains) + ")",
              "s / step", "overhead vs random (s / step)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        before = block.get("untrained") or {}
+        if before.get("mean"):
+            lines.append("| untrained (step 0) | " + " | ".join(_ms(before.get(d)) for d in domains + ["mean"]) +
+                         " |" + " – |" * (len(head) - len(domains) - 2))
         for method, row in rows.items():
             mix = "/".join(f"{row['mix'][d]:.0%}" for d in domains)
             is_ref = method == "partitionsel"
             cells = [f"**{method}**" if is_ref else method] + \
                 [_ms(row["eval_loss"][d]) for d in domains] + [_ms(row["eval_loss"]["mean"])] + \
+                [_ms(row.get("delta_vs_untrained"), "+.3f")] + \
                 ["–" if is_ref else _ms(row["delta_vs_partitionsel"], "+.3f"),
                  "–" if is_ref else f"{row['partitionsel_better']}/{len(row['seeds'])}",
                  _ms(row["conflicting_pairs"], ".2f"), mix, _ms(row["time_s"]["total"], ".1f"),
                  _ms(row["overhead_s"], ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Δ > 0: the baseline's held-out loss is higher than PartitionSel's on the same seed "
-                 "(same pools, anchors and eval subset). Conflicting pairs: `–` where the method "
+    lines.append("Δ vs step 0: change of the mean held-out loss from the untrained model (same seed, "
+                 "same eval subset). Δ vs partitionsel > 0: the baseline's held-out loss is higher than "
+                 "PartitionSel's on the same seed (same pools, anchors and eval subset). Conflicting pairs: `–` where the method "
                  "computes no gradients (`random`). Times are wall seconds per step from step 1 on, "
                  "as measured.")
     return "\n".join(lines) + "\n"
@@ -328,7 +356,7 @@ def seed_mean_records(per_seed: dict) -> list:
             by_key.setdefault(("eval" if "eval_loss" in r else "step", r["step"]), []).append(r)
     out = []
     for (kind, step), group in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        rec = {"step": step, "method": group[0]["method"]}
+        rec = {"step": step, "method": group[0].get("method")}
         if kind == "eval":
             rec["eval_loss"] = {k: float(np.mean([g["eval_loss"][k] for g in group if k in g["eval_loss"]]))
                                 for k in group[0]["eval_loss"]}
@@ -355,7 +383,8 @@ def report(results: Path) -> dict:
     found = load_results(results)
     if not found:
         raise SystemExit(f"no run logs under {results / 'runs'}: run the experiment first")
-    table = aggregate(found)
+    untrained = load_untrained(results)
+    table = aggregate(found, untrained)
     (results / "table.json").write_text(json.dumps(table, indent=2))
     md = table_markdown(table)
     (results / "table.md").write_text(md)
@@ -364,8 +393,11 @@ def report(results: Path) -> dict:
         mean_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for method, per_seed in sorted(methods.items()):
+            # the curves start at the untrained model's held-out loss (step 0, same eval subset)
+            logs = {s: ([{"step": 0, "eval_loss": untrained[s]}] if s in untrained else []) + recs
+                    for s, recs in per_seed.items()}
             path = mean_dir / f"{method}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in seed_mean_records(per_seed)))
+            path.write_text("".join(json.dumps(dict(r, method=method)) + "\n" for r in seed_mean_records(logs)))
             paths.append(path)
         analyze_run.analyze(paths, results / tag)
     print(md)
