@@ -4,15 +4,20 @@
 Every (selection fraction, seed, method) is one training run of ``launch/train.py`` under the
 ``deepspeed`` launcher (``--ranks`` data-parallel ranks, ZeRO-2). The runs of one
 (fraction, seed) differ only in ``partitionsel.method``: the per-step candidate pools, the
-validation anchors, the held-out evaluation subset and the optimizer are the same. Then
+validation anchors, the held-out evaluation subset and the optimizer are the same. One more run
+per seed evaluates the untrained model on that seed's eval subset (the step-0 reference). Then
 
-    <out>/runs/f<percent>/<method>/seed<s>/{metrics.jsonl,summary.json,train.log}
+    <out>/runs/f<percent>/<method>/seed<s>/{metrics.jsonl,summary.json,train.log}  (f12p5: 12.5%)
+    <out>/runs/untrained/seed<s>/...
     <results>/runs/...            the same metrics.jsonl / summary.json, kept (small)
     <results>/table.json          per (fraction, method): mean and std over seeds
     <results>/table.md            the markdown table that docs/RESULTS.md embeds
     <results>/f<percent>/         plots and summary.md of tools/analyze_run.py on seed-mean logs
 
-Default: a CPU-sized run (about an hour on 2 cores). Scale the same experiment up on GPUs:
+Default: the whole pretrained SmolLM2-135M-Instruct (30 blocks), LoRA rank 16 on its last 3
+blocks, trained and sketched as in the paper; CPU-sized in everything else (batch 4, 4 steps,
+24 held-out sequences per eval): about an hour on 2 cores. Finished runs are reused, so an
+interrupted experiment continues where it stopped. Scale the same experiment up on GPUs:
 
     python tools/experiment.py                                   # CPU default
     python tools/experiment.py --report-only                     # table + plots from kept logs
@@ -165,6 +170,9 @@ def run_all(args) -> list:
 
     out = REPO / args.out
     ds_config = write_ds_config(args, out / "ds_config.json")
+    (REPO / args.results).mkdir(parents=True, exist_ok=True)
+    shutil.copy(ds_config, REPO / args.results / "ds_config.json")  # the config the kept logs came from
+    (REPO / args.results / "experiment_args.json").write_text(json.dumps(vars(args), indent=2))
     jobs = [(f, s, m) for f in args.fractions for s in args.seeds for m in args.methods]
     jobs += [(None, s, "untrained") for s in args.seeds]  # held-out loss before any step, per seed
     bar = tqdm(jobs, desc="experiment", unit="run")
