@@ -280,11 +280,14 @@ def test_mpirun_script_runs_two_ranks(real, tmp_path):
 @pytest.mark.slow
 def test_slurm_script_command_line_in_dry_run(real, tmp_path):
     import subprocess
+    import sys
 
     from distributed_utils import free_port
 
     args, env = _launcher_cmd_env(real, tmp_path)
-    env.update(DRY_RUN="1", DRY_RUN_TASKS="2", MASTER_PORT=str(free_port()))
+    bindir = os.path.dirname(sys.executable)  # the script runs `python` from PATH, as srun would
+    env.update(DRY_RUN="1", DRY_RUN_TASKS="2", MASTER_PORT=str(free_port()),
+               PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     env.pop("SLURM_JOB_NODELIST", None)
     proc = subprocess.run(["bash", "launch/slurm.sbatch", *args[1:]], env=env, cwd=env["PYTHONPATH"],
                           capture_output=True, text=True, timeout=600)

@@ -22,6 +22,7 @@ setup() {
     fi
 }
 
+export PATH="$PWD/$VENV/bin:$PATH"  # launchers (deepspeed, mpirun) and scripts find the venv's python
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
