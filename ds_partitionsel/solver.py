@@ -419,7 +419,8 @@ class _CholeskyFactor:
     """
 
     def __init__(self, capacity: int):
-        self.L = np.zeros((capacity, capacity))
+        # Fortran order: the leading block L[:m, :m] goes to LAPACK without a transposing copy
+        self.L = np.zeros((capacity, capacity), order="F")
         self.m = 0
 
     def add(self, q_cross: np.ndarray, q_diag: float) -> bool:
