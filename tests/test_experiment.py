@@ -51,7 +51,7 @@ def test_experiment_runs_and_regenerates_table_and_plots(tmp_path):
     assert experiment.main(["--report-only"] + common) == 0
     md = (results / "table.md").read_text()
     assert "| **partitionsel** |" in md and "| random |" in md and "| untrained (step 0) |" in md
-    for name in ("eval_loss.png", "domain_mix.png", "conflicting_pairs.png", "time_split.png"):
+    for name in ("eval_loss.png", "eval_change.png", "domain_mix.png", "conflicting_pairs.png", "time_split.png"):
         assert (results / "f25" / name).stat().st_size > 1000
     assert (results / "f25" / "summary.md").is_file()
     assert REPO.is_dir()

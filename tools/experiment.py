@@ -315,7 +315,7 @@ def _ms(cell, spec=".3f"):
         return "–"
     if cell["n"] < 2:
         return format(cell["mean"], spec)
-    return f"{format(cell['mean'], spec)} ± {format(cell['std'], spec)}"
+    return f"{format(cell['mean'], spec)} ± {format(cell['std'], spec.lstrip('+'))}"
 
 
 def table_markdown(table: dict) -> str:
@@ -383,6 +383,46 @@ def seed_mean_records(per_seed: dict) -> list:
     return out
 
 
+def plot_eval_change(methods: dict, untrained: dict, path: Path):
+    """Held-out mean loss minus the untrained model's on the same seed, mean ± std over seeds,
+    per eval step and method: the eval-subset offset of each seed cancels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    drawn = 0
+    for i, (method, per_seed) in enumerate(sorted(methods.items())):
+        by_step = {0: [0.0] * len([s for s in per_seed if s in untrained])}
+        for seed, recs in per_seed.items():
+            if seed not in untrained:
+                continue
+            for r in recs:
+                if "eval_loss" in r and "mean" in r["eval_loss"]:
+                    by_step.setdefault(r["step"], []).append(r["eval_loss"]["mean"] - untrained[seed]["mean"])
+        steps = sorted(s for s, v in by_step.items() if v)
+        if len(steps) < 2:
+            continue
+        mean = [np.mean(by_step[s]) for s in steps]
+        std = [np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps]
+        x = np.asarray(steps, dtype=float) + (i - len(methods) / 2) * 0.04  # keep error bars apart
+        ax.errorbar(x, mean, yerr=std, marker="o", ms=3, capsize=2, label=method,
+                    lw=2.2 if method == "partitionsel" else 1.2)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(title="held-out mean loss minus step 0, paired by seed",
+           xlabel="step", ylabel="loss - loss at step 0")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(results: Path) -> dict:
     """Table (JSON + markdown) and plots from the kept logs under ``results``."""
     sys.path.insert(0, str(REPO / "tools"))
@@ -408,6 +448,7 @@ def report(results: Path) -> dict:
             path.write_text("".join(json.dumps(dict(r, method=method)) + "\n" for r in seed_mean_records(logs)))
             paths.append(path)
         analyze_run.analyze(paths, results / tag)
+        plot_eval_change(methods, untrained, results / tag / "eval_change.png")
     print(md)
     return table
 
