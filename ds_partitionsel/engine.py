@@ -173,8 +173,9 @@ class PartitionSelEngine:
             "selected": [int(pool_ids[i]) for i in sel.indices.tolist()],
             "utility": sel.utility, "dropped": dropped, "bytes_sent": int(sel.bytes_sent),
             "mode": sel.info.get("mode", "local"),
-            "time_s": {"sketch": sel.info["time_sketch"], "solve": sel.info.get("time_solve", 0.0),
-                       "comm": sel.info.get("time_comm", 0.0), "select": t_select - t0 - sel.info["time_sketch"],
+            "time_s": {"sketch": sel.info["time_sketch"], "anchors": sel.info["time_anchors"],
+                       "solve": sel.info.get("time_solve", 0.0), "comm": sel.info.get("time_comm", 0.0),
+                       "select": t_select - t0 - sel.info["time_sketch"],
                        "train": t_end - t_select, "total": t_end - t0},
         }
         if step % cfg.log_interval == 0:
@@ -197,18 +198,21 @@ class PartitionSelEngine:
         local_ids = pool_ids[lo:hi]
         local_domains = self.pool.domains[local_ids]
         budgets = self._budgets(self.pool.domains[pool_ids])
+        t_anchor = 0.0
         if cfg.method in ("random", "full"):
             features = torch.zeros(len(local_ids), 1)  # no gradients needed
             target = torch.zeros(1)
         else:
             features = self._sketch_records(self.pool, local_ids.tolist())
+            t1 = time.perf_counter()
             target = self._validation_target(step)
-        t_sketch = time.perf_counter() - t0
+            t_anchor = time.perf_counter() - t1
+        t_sketch = time.perf_counter() - t0  # pool and anchors; anchors also reported apart
         sel = distributed.select(
             cfg.method, features, local_domains, target, budgets, lr=self._lr(), ridge=cfg.ridge,
             mode=cfg.mode, generator=generator("select", cfg.seed, step), rule=cfg.rule,
             nonneg=cfg.nonneg, drop_nonfinite=True, step=step, timeout=cfg.timeout_s)
-        sel.info["time_sketch"] = t_sketch
+        sel.info["time_sketch"], sel.info["time_anchors"] = t_sketch, t_anchor
         dropped = int(sel.info.get("dropped", 0))
         if dropped:
             logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
