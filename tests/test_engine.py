@@ -233,7 +233,9 @@ def _launcher_cmd_env(real, out_dir):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = out_dir / "ds.json"
-    cfg.write_text(json.dumps(_ds_config(2)))
+    ds = _ds_config(2)
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(out_dir / "monitor"), "job_name": "t"}
+    cfg.write_text(json.dumps(ds))
     args = ["launch/train.py", "--tiny", "llama", "--num-layers", "2", "--tokenizer", str(real["tokenizer"]),
             "--pool", str(real["pool"]), "--deepspeed_config", str(cfg), "--steps", "2",
             "--output-dir", str(out_dir / "run")]
@@ -254,6 +256,10 @@ def test_deepspeed_launcher_runs_two_ranks(real, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [0, 1] and all(sum(r["domain_counts"].values()) == 4 for r in steps)
+    monitor = {p.name for p in (tmp_path / "monitor").rglob("*.csv")}  # DeepSpeed's csv monitor
+    assert any("utility" in name for name in monitor) and any("conflicting_pairs" in name for name in monitor), monitor
 
 
 @pytest.mark.slow
