@@ -7,10 +7,18 @@ interface from ``hostname -I``).
 """
 import datetime
 import os
+import socket
 
 _MPI_RANK = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _MPI_LOCAL = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (for MASTER_PORT of local launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _first(env, names):

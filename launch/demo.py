@@ -14,12 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+sys.path.insert(0, REPO)
+
+from ds_partitionsel.launch_env import free_port  # noqa: E402
 
 
 def run(cmd, **kw):
@@ -27,10 +29,6 @@ def run(cmd, **kw):
     subprocess.run(cmd, check=True, cwd=REPO, **kw)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

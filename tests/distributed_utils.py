@@ -23,20 +23,16 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
+from ds_partitionsel.launch_env import free_port
+
 __all__ = ["free_port", "run_ranks"]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, use_deepspeed, args, results):

@@ -6,10 +6,8 @@ when ``.cache/models/smollm2-135m`` exists (python tools/fetch_demo_data.py --mo
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +16,12 @@ import torch
 
 from ds_partitionsel import pool_format as pf
 from ds_partitionsel.data import CandidatePool, PoolFormatError
+from real_pool import load_tool
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = REPO / ".cache" / "models" / "smollm2-135m"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<eos>' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 build_pool = load_tool("build_pool")

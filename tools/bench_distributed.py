@@ -17,7 +17,6 @@ Not a test: it prints and saves numbers (default ``runs/bench_distributed.json``
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -28,14 +27,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ds_partitionsel.budgets import allocate_budgets  # noqa: E402
 from ds_partitionsel.distributed import CostModel  # noqa: E402
+from ds_partitionsel.launch_env import free_port  # noqa: E402
 
 MODES = ("replicated", "sharded", "auto")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pool(n, p, n_dom, dtype, seed=0):
@@ -94,7 +90,7 @@ def measure(cfg, worlds):
         worlds_iter = worlds
     for world in worlds_iter:
         results = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg, results))
                  for r in range(world)]
         for p in procs:

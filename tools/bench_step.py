@@ -2,7 +2,8 @@
 """Per-step cost of PartitionSel against ``random`` and against the unavoidable floor.
 
 In one run, on 2 ranks (``deepspeed`` launcher), for ZeRO-2 and ZeRO-3, with a small real model
-(SmolLM2-135M truncated to its first ``--num-layers`` pretrained blocks) on the demo pool:
+(SmolLM2-135M, LoRA on its last 3 blocks sketched exactly, as the experiment of docs/RESULTS.md;
+``--no-lora --num-layers N --sketch-mode kron`` trains the first N blocks instead) on the demo pool:
 
 - ``partitionsel``: a full ``train_step`` (pool -> sketch -> select -> train);
 - ``random``: the same step selecting the same batch size at random (no sketches);
@@ -17,7 +18,6 @@ anchors' share is reported apart. Prints a table, writes JSON.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,11 +26,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from ds_partitionsel.launch_env import free_port  # noqa: E402
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def ds_config(stage, method, args):
@@ -65,10 +63,20 @@ def worker(args):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
                                                                   dtype=torch.float32)
-        model.model.layers = model.model.layers[: args.num_layers]
-        model.config.num_hidden_layers = args.num_layers
+        if args.num_layers:
+            model.model.layers = model.model.layers[: args.num_layers]
+            model.config.num_hidden_layers = args.num_layers
+        if args.lora:  # as launch/train.py --lora: rank-16 adapters on the last 3 blocks
+            from peft import LoraConfig, get_peft_model
+
+            n = model.config.num_hidden_layers
+            model = get_peft_model(model, LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                layers_to_transform=list(range(n - 3, n))))
         engine, _, _, _ = initialize(model, ds_config(stage, method, args), pool, valid,
-                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), tokenizer=tok)
+                                     optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                                 lr=1e-5), tokenizer=tok)
         steps, forwards = [], []
         for step in range(args.warmup + args.steps):
             rec = engine.train_step()
@@ -92,7 +100,7 @@ def worker(args):
         med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
         results.append({"stage": stage, "method": method, "time_s": med,
                         "pool_forward_s": statistics.median(forwards), "pool_size": engine.pool_size,
-                        "batch_size": engine.batch_size})
+                        "batch_size": engine.batch_size, "sketch_dim": engine.sketcher.feature_dim})
         del engine
     if rank == 0:
         with open(args.out + ".raw", "w") as fh:
@@ -113,6 +121,7 @@ def report(args):
         t_ps = ps["time_s"]["total"]
         overhead = t_ps - floor
         rows.append({"zero_stage": stage, "pool_size": ps["pool_size"], "batch_size": ps["batch_size"],
+                     "sketch_dim": ps.get("sketch_dim"),
                      "partitionsel_s": t_ps, "random_s": rnd["time_s"]["total"], "floor_s": floor,
                      "pool_forward_s": fwd, "sketch_s": ps["time_s"]["sketch"],
                      "anchors_s": ps["time_s"].get("anchors", 0.0), "solve_s": ps["time_s"]["solve"],
@@ -138,12 +147,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=".cache/models/smollm2-135m")
     ap.add_argument("--pool", default=".cache/pools/demo256")
-    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--num-layers", type=int, default=0, help="keep the first N blocks (0: all)")
+    ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="train and sketch LoRA adapters on the last 3 blocks (default), or all weights")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--pool-factor", type=int, default=8)
     ap.add_argument("--sketch-batch", type=int, default=8)
-    ap.add_argument("--sketch-mode", default="kron")
+    ap.add_argument("--sketch-mode", default="exact")
     ap.add_argument("--anchors", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ds_partitionsel.launch_env import free_port  # noqa: E402
+
 METHODS = ("partitionsel", "random", "greats", "greats_domain", "iwd", "gradmatch")
 SELECTION_PHASES = ("sketch", "select")  # time_s keys that selection adds on top of training
 
@@ -90,10 +93,6 @@ def pool_factor(fraction: float) -> int:
     return int(round(factor))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- running
