@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ds_partitionsel.budgets import allocate_budgets
 from ds_partitionsel.config import ConfigError, PartitionSelConfig
 from ds_partitionsel.metrics import conflicting_pairs
-from ds_partitionsel.sampler import PoolSampler, assign_owner_first, generator, shard_bounds
+from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator, lockstep_chunks,
+                                     shard_bounds)
 
 logger = logging.getLogger("ds_partitionsel")
 
@@ -232,18 +233,10 @@ class PartitionSelEngine:
         Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
         ``lockstep_rows`` pads the work to that many rows with repeats that are discarded.
         """
-        mb = self.cfg.sketch.micro_batch
         total = max(len(ids), lockstep_rows or 0)
         rows = []
-        for start in range(0, max(total, 1), mb):
-            chunk = ids[start:start + mb]
-            pad = min(mb, total - start) - len(chunk) if total else 0
-            work = chunk + [ids[0] if ids else 0] * max(pad, 0)
-            if not work:
-                continue
-            batch = pool.collate(work, self.pad_token_id)
-            feats = self._sketch_batch(batch)
-            rows.append(feats[: len(chunk)])
+        for work, n_real in lockstep_chunks(ids, total, self.cfg.sketch.micro_batch, ids[0] if ids else 0):
+            rows.append(self._sketch_batch(pool.collate(work, self.pad_token_id))[:n_real])
         p = self.sketcher.feature_dim
         return torch.cat(rows) if rows else torch.zeros(0, p)
 
@@ -332,14 +325,11 @@ class PartitionSelEngine:
         sums = torch.zeros(2, n_dom, dtype=torch.float64)
         was_training = self.engine.module.training
         self.engine.module.eval()
-        mb = self.micro_batch
-        for start in range(0, per_rank, mb):
-            chunk = mine[start:start + mb]
-            work = chunk + [ids[0].item()] * (min(mb, per_rank - start) - len(chunk))
+        for work, n_real in lockstep_chunks(mine, per_rank, self.micro_batch, int(ids[0])):
             batch = self.valid_pool.collate(work, self.pad_token_id)
             per_seq, _ = self._per_sequence_loss(batch, self.engine.module)
-            per_seq = per_seq[: len(chunk)].double().cpu()
-            dom = batch["domains"][: len(chunk)]
+            per_seq = per_seq[:n_real].double().cpu()
+            dom = batch["domains"][:n_real]
             sums[0].index_add_(0, dom, per_seq)
             sums[1].index_add_(0, dom, torch.ones_like(per_seq))
         self.engine.module.train(was_training)

@@ -82,3 +82,15 @@ def assign_owner_first(selected: Sequence[int], bounds: List[Tuple[int, int]], p
         share.extend(spare[:need])
         del spare[:need]
     return shares
+
+
+def lockstep_chunks(ids: Sequence[int], rows: int, size: int, filler: int):
+    """Split ``ids`` into chunks of ``size``, padded with ``filler`` to ``rows`` ids in total.
+
+    Yields ``(chunk, n_real)``: the first ``n_real`` ids of each chunk are real. Every rank that
+    calls it with the same ``rows`` runs the same number of forwards of the same sizes, which
+    ZeRO-3 needs (its parameter gathers are collective).
+    """
+    for start in range(0, rows, size):
+        chunk = list(ids[start:start + size])
+        yield chunk + [filler] * (min(size, rows - start) - len(chunk)), len(chunk)

@@ -117,14 +117,13 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
 def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generator, rule, nonneg,
               offset=0, chooser=None):
     k = int(budgets.sum())
-    lr_in = lr
     if method in _GREEDY:
         per_domain, weighted, block = _GREEDY[method]
-        lin = None
+        lin, terms_lr = None, lr
         if method == "gradmatch":  # match sum_i w_i g_i to v: a = G v, Q = G G^T + ridge I
             lin = target.to(features.dtype) @ features.T.contiguous()
-            lr = 1.0
-        rows = FeatureRows(features, target, domains, lr=lr, ridge=ridge, offset=offset,
+            terms_lr = 1.0
+        rows = FeatureRows(features, target, domains, lr=terms_lr, ridge=ridge, offset=offset,
                            block_diagonal=block, linear=lin, capacity=k,
                            budget_domains=None if per_domain else torch.zeros_like(domains))
         use = budgets if per_domain else torch.tensor([k], dtype=torch.int64)
@@ -136,7 +135,7 @@ def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generato
         if block or method == "gradmatch":  # report U on the true PartitionSel terms
             # from the picked rows every rank holds (a rank's own features may not contain them)
             sel.utility = selection_utility(rows.selected_features(), target, torch.arange(sel.k),
-                                            sel.weights, lr=lr_in, ridge=ridge)
+                                            sel.weights, lr=lr, ridge=ridge)
         return sel
     if method == "full":
         idx = torch.arange(features.shape[0])

@@ -378,16 +378,22 @@ def rrg_shortlist(values, feasible, domains, remaining):
     Returns ``(values, local_indices, domains)`` of the shortlisted candidates. Every rank can
     shortlist its own rows; the union of all ranks' shortlists contains the global shortlist.
     """
-    idx = feasible.nonzero().flatten()
-    vals = values[idx]
-    order = torch.argsort(-vals, stable=True)  # idx ascending, so ties keep the lower index
-    idx, vals = idx[order], vals[order]
-    dom = domains[idx]
-    keep = torch.zeros_like(idx, dtype=torch.bool)
-    for j in dom.unique().tolist():
-        where = (dom == j).nonzero().flatten()[: int(remaining[j])]
-        keep[where] = True
-    return vals[keep], idx[keep], dom[keep]
+    idx = feasible.nonzero().flatten()  # ascending, as _top_per_domain needs
+    return _top_per_domain(values[idx], idx, domains[idx], remaining)
+
+
+def _top_per_domain(values, indices, domains, remaining):
+    """Keep the ``remaining[j]`` largest ``values`` of each domain ``j``; ties to the lowest index.
+
+    ``indices`` must be ascending. Returns ``(values, indices, domains)`` of the kept candidates,
+    ordered by decreasing value.
+    """
+    order = torch.argsort(-values, stable=True)
+    values, indices, domains = values[order], indices[order], domains[order]
+    keep = torch.zeros_like(indices, dtype=torch.bool)
+    for j in domains.unique().tolist():
+        keep[(domains == j).nonzero().flatten()[: int(remaining[j])]] = True
+    return values[keep], indices[keep], domains[keep]
 
 
 def rrg_pick(values, indices, domains, remaining, generator) -> int:
@@ -397,14 +403,9 @@ def rrg_pick(values, indices, domains, remaining, generator) -> int:
     (e.g. the union of per-rank shortlists); the global shortlists are formed here, ordered by
     index, and one is drawn with ``generator``. The result does not depend on the input order.
     """
-    order = torch.argsort(indices)  # canonical order first, then stable sort by value
-    values, indices, domains = values[order], indices[order], domains[order]
-    order = torch.argsort(-values, stable=True)
-    values, indices, domains = values[order], indices[order], domains[order]
-    keep = torch.zeros_like(indices, dtype=torch.bool)
-    for j in domains.unique().tolist():
-        keep[(domains == j).nonzero().flatten()[: int(remaining[j])]] = True
-    shortlist = torch.sort(indices[keep]).values
+    order = torch.argsort(indices)  # canonical order, whatever order the ranks sent
+    _, kept, _ = _top_per_domain(values[order], indices[order], domains[order], remaining)
+    shortlist = torch.sort(kept).values
     draw = int(torch.randint(shortlist.numel(), (1,), generator=generator))
     return int(shortlist[draw])
 

@@ -85,3 +85,11 @@ def test_launcher_variables_map_to_torch_distributed_on_loopback(env, kind, expe
     assert map_launcher_env(env=env) == kind
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == expect
     assert env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_lockstep_chunks_pad_every_rank_to_the_same_forwards():
+    from ds_partitionsel.sampler import lockstep_chunks
+
+    assert list(lockstep_chunks([5, 6, 7], 5, 2, 9)) == [([5, 6], 2), ([7, 9], 1), ([9], 0)]
+    assert list(lockstep_chunks([], 3, 2, 0)) == [([0, 0], 0), ([0], 0)]
+    assert list(lockstep_chunks([1, 2], 2, 4, 0)) == [([1, 2], 2)]

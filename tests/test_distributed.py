@@ -5,10 +5,8 @@ Spawning costs seconds per process, so each world size runs once (a module fixtu
 case batched into it; the tests then assert on the collected results.
 """
 import os
-import queue
 import sys
 
-import numpy as np
 import pytest
 import torch
 

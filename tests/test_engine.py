@@ -264,7 +264,6 @@ def test_deepspeed_launcher_runs_two_ranks(real, tmp_path):
 
 @pytest.mark.slow
 def test_mpirun_script_runs_two_ranks(real, tmp_path):
-    import shutil
     import subprocess
     import sys
 

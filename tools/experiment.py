@@ -27,7 +27,6 @@ interrupted experiment continues where it stopped. Scale the same experiment up 
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
