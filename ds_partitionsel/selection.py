@@ -22,7 +22,7 @@ import torch
 
 from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, _check_budget_fit,
                                     _check_domains_budgets, _check_finite, _check_rule,
-                                    greedy_select)
+                                    greedy_select, row_dots)
 
 METHODS = ("partitionsel", "random", "full", "gradnorm", "greats", "greats_domain", "iwd",
            "gradmatch")
@@ -121,7 +121,7 @@ def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generato
         per_domain, weighted, block = _GREEDY[method]
         lin, terms_lr = None, lr
         if method == "gradmatch":  # match sum_i w_i g_i to v: a = G v, Q = G G^T + ridge I
-            lin = target.to(features.dtype) @ features.T.contiguous()
+            lin = row_dots(features.contiguous(), target.to(features.dtype))
             terms_lr = 1.0
         rows = FeatureRows(features, target, domains, lr=terms_lr, ridge=ridge, offset=offset,
                            block_diagonal=block, linear=lin, capacity=k,

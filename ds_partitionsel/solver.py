@@ -35,7 +35,7 @@ from ds_partitionsel.budgets import allocate_budgets, rebalance_budgets
 
 __all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets",
            "rebalance_budgets", "greedy_select", "CandidateRows", "GramRows", "FeatureRows",
-           "LocalChooser", "RULES"]
+           "LocalChooser", "RULES", "row_dots"]
 
 RULES = ("greedy", "rrg")
 
@@ -272,27 +272,26 @@ class GramRows(CandidateRows):
 class FeatureRows(CandidateRows):
     """Rows given by gradient features: ``Q_ij = lr^2 <g_i, g_j> + ridge*[i==j]``.
 
-    ``features_t`` is stored transposed, ``(p, n)``, so that ``Q[rows, j] = lr^2 g_j @ G^T`` is a
-    vector-matrix product whose per-column result is the same whatever the slice of columns
-    (unlike ``G @ g_j``, whose blocking in BLAS depends on the row count). With
-    ``block_diagonal`` (the ``iwd`` / ``greats_domain`` baselines) ``Q_ij = 0`` across domains.
-    The selected rows ``G_S`` are kept (k, p) on every rank to form ``Q[S, j]``.
+    ``features`` (n, p) stay row-major; every per-row quantity (scores, squared norms, the
+    column ``Q[rows, j]``) comes from :func:`row_dots`, whose result for a row does not depend
+    on which other rows share the call. With ``block_diagonal`` (the ``iwd`` /
+    ``greats_domain`` baselines) ``Q_ij = 0`` across domains. The selected rows ``G_S`` are kept
+    (k, p) on every rank to form ``Q[S, j]``.
     """
 
     def __init__(self, features, target, domains, *, lr=1.0, ridge=0.0, offset=0,
                  block_diagonal=False, linear=None, capacity=0, budget_domains=None):
-        self.features_t = features.T.contiguous()  # (p, n)
+        self.features = features.contiguous()  # (n, p)
         # ``domains`` index the budgets; ``true_domains`` are the data domains (they differ
         # for domain-agnostic methods, which run with one budget).
         self.true_domains = domains
         self.domains = domains if budget_domains is None else budget_domains
         self.offset, self.lr, self.ridge = offset, float(lr), float(ridge)
         self.block_diagonal = block_diagonal
-        p = self.features_t.shape[0]
-        ones = torch.ones(p, dtype=features.dtype, device=features.device)
-        self.sqnorm = ones @ (self.features_t * self.features_t)  # (n,) ||g_i||^2
+        p = self.features.shape[1]
+        self.sqnorm = row_dots(self.features, None)  # (n,) ||g_i||^2
         if linear is None:
-            scores = target.to(features.dtype) @ self.features_t
+            scores = row_dots(self.features, target.to(features.dtype))
             linear = self.lr * scores + (0.5 * self.lr * self.lr) * self.sqnorm
         self.linear = linear
         self._selected_rows = torch.empty(max(capacity, 1), p, dtype=features.dtype,
@@ -303,14 +302,14 @@ class FeatureRows(CandidateRows):
     @property
     def payload_numel(self) -> int:
         """Length of a :meth:`pick_payload` tensor (4 + p), also known where no row is held."""
-        return 4 + self.features_t.shape[0]
+        return 4 + self.features.shape[1]
 
     def selected_features(self) -> torch.Tensor:
         """The picked rows ``G_S`` (m, p) in pick order; replicated on every rank."""
         return self._selected_rows[: self._m]
 
     def pick_payload(self, local):
-        g = self.features_t[:, local].double()
+        g = self.features[local].double()
         head = torch.tensor([float(local + self.offset), float(self.linear[local]),
                              float(self.domains[local]), float(self.true_domains[local])],
                             dtype=torch.float64)
@@ -318,12 +317,12 @@ class FeatureRows(CandidateRows):
 
     def _unpack(self, payload):
         index, a_j, dom, true_dom = int(payload[0]), float(payload[1]), int(payload[2]), int(payload[3])
-        g = payload[4:].to(self.features_t.dtype).to(self.features_t.device)
+        g = payload[4:].to(self.features.dtype).to(self.features.device)
         return index, a_j, dom, true_dom, g
 
     def column(self, payload, index):
         _, _, _, true_dom, g = self._unpack(payload)
-        col = (self.lr * self.lr) * (g @ self.features_t)
+        col = (self.lr * self.lr) * row_dots(self.features, g)
         if self.block_diagonal:
             col = col * (self.true_domains == true_dom).to(col.dtype)
         local = index - self.offset
@@ -338,18 +337,47 @@ class FeatureRows(CandidateRows):
             grown = torch.empty(2 * m, g.numel(), dtype=g.dtype, device=g.device)
             grown[:m] = self._selected_rows[:m]
             self._selected_rows = grown
-        q_sel = (self.lr * self.lr) * (g @ self._selected_rows[:m].T) if m else g.new_zeros(0)
-        if self.block_diagonal and m:
-            q_sel = q_sel * torch.tensor([d == true_dom for d in self._selected_dom], dtype=g.dtype,
-                                         device=g.device)
-        q_jj = float((self.lr * self.lr) * (g @ g)) + self.ridge
         self._selected_rows[m] = g
         self._selected_dom.append(true_dom)
         self._m = m + 1
+        q = (self.lr * self.lr) * row_dots(self._selected_rows[: m + 1], g)  # Q[S + j, j]
+        q_sel = q[:m]
+        if self.block_diagonal and m:
+            q_sel = q_sel * torch.tensor(self._selected_dom[:m], device=g.device).eq(true_dom).to(g.dtype)
+        q_jj = float(q[m]) + self.ridge
         return a_j, q_sel.double().cpu().numpy(), q_jj, dom
 
     def diagonal(self):
         return (self.lr * self.lr) * self.sqnorm + self.ridge
+
+
+# --------------------------------------------------------------------------- the row kernel
+
+# Rows per call of the reduction: about 1 MiB of float32 products, so the temporary stays in cache.
+_ROW_DOTS_ELEMENTS = 1 << 18
+
+
+def row_dots(rows: torch.Tensor, vec: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out[i] = <rows[i], vec>`` (``||rows[i]||^2`` when ``vec`` is None), shape (n,).
+
+    rows : (n, p); vec : (p,). The value for a row depends only on that row, ``vec`` and ``p``,
+    never on ``n`` or on the row's position: this is what makes a shard of the pool reproduce
+    the single-process numbers bit for bit. BLAS products (``G @ v``, ``v @ G^T``) do not have
+    that property: MKL's blocking, and so its rounding, depends on the row count and on the
+    instruction set it picks at run time (AVX-512, AVX2, SSE4.2). Here every row is an
+    elementwise product followed by ATen's per-row sum, which reduces each row with the same
+    code whatever the other rows are. A single-row sum is the one exception ATen makes (it may
+    split one long row across threads), so a lone row is computed as part of two.
+    """
+    n, p = rows.shape
+    out = torch.empty(n, dtype=rows.dtype, device=rows.device)
+    step = max(2, _ROW_DOTS_ELEMENTS // max(p, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        block = rows[lo:hi] if hi - lo > 1 else rows[lo:hi].expand(2, p)
+        prod = block * (block if vec is None else vec)
+        out[lo:hi] = prod.sum(1)[: hi - lo]
+    return out
 
 
 # --------------------------------------------------------------------------- choosers
@@ -609,23 +637,22 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg
     # 0 where a candidate is feasible, -inf where it is selected or its domain's budget is spent
     penalty = torch.zeros(n, dtype=rows.linear.dtype, device=rows.linear.device)
     penalty[remaining[rows.domains] <= 0] = -math.inf
-    q_rows = torch.empty(k, n, dtype=rows.linear.dtype, device=rows.linear.device)  # Q[S, rows]
+    q_cols = torch.empty(n, k, dtype=rows.linear.dtype, device=rows.linear.device)  # Q[rows, S]
     refit = _Refit(k, nonneg, unit=unit_weights)
     picks, pick_dom = [], []
     base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
-    w_dev = None
     for t in range(k):
         if t == 0:
             values = base
         else:
-            w_dev = torch.from_numpy(refit.w[:t]).to(q_rows.dtype).to(q_rows.device)
-            values = base - w_dev @ q_rows[:t]
+            w_dev = torch.from_numpy(refit.w[:t]).to(q_cols.dtype).to(q_cols.device)
+            values = base - row_dots(q_cols[:, :t], w_dev)
         if not nonneg and not unit_weights:
             values = values.abs()
         values = values + penalty  # infeasible -> -inf
         payload, index = chooser.choose(values, penalty == 0, rows, remaining, rule, generator)
         a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)
-        q_rows[t] = rows.column(payload, index)
+        q_cols[:, t] = rows.column(payload, index)
         local = index - rows.offset
         if 0 <= local < n:
             penalty[local] = -math.inf

@@ -141,6 +141,26 @@ def test_bit_identical_to_single_process(runs, world):
                 assert got["bytes_sent"] > 0 and got["rounds"] >= 3
 
 
+# MKL chooses its kernels (and so its rounding) by the CPU's instruction set; the selection may
+# not depend on that choice. The variable is read when MKL loads, so each family runs the
+# world-2 check in a fresh interpreter (the default family is the run above).
+OTHER_KERNELS = [pytest.param("AVX2"), pytest.param("SSE4_2", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family", OTHER_KERNELS)
+def test_bit_identical_under_other_blas_kernels(family):
+    import subprocess
+
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS=family)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_bit_identical_to_single_process and 2", "-m", "not slow"],
+        env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, f"MKL_ENABLE_INSTRUCTIONS={family}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_ties_across_ranks_go_to_the_lowest_global_index(runs):
     """The ``dup`` pool has every row twice (i and i + N/2, often on different ranks): the first
     pick, a tie between a row and its copy, goes to the row."""

@@ -310,3 +310,29 @@ def test_kkt_holds_when_more_picks_than_dimensions(seed):
     S, w = sel.indices.numpy(), sel.weights.numpy()
     grad = linear.numpy()[S] - quadratic.numpy()[np.ix_(S, S)] @ w
     assert (w >= 0).all() and np.all(grad < 1e-8) and np.all(np.abs(grad[w > 0]) < 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 9, 1024, 40000])
+def test_row_dots_of_a_row_do_not_depend_on_the_other_rows(dtype, p):
+    """What makes shards reproduce the single-process selection: a row's value is the same
+    whether it is computed alone, in a slice, or in the whole matrix, at any thread count."""
+    from ds_partitionsel.solver import row_dots
+
+    n = 300 if p < 40000 else 9
+    gen = torch.Generator().manual_seed(p)
+    rows = torch.randn(n, p, generator=gen, dtype=dtype)
+    vec = torch.randn(p, generator=gen, dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full, norms = row_dots(rows, vec), row_dots(rows, None)
+            for lo, hi in [(0, 1), (n - 1, n), (3, 7), (2, n), (0, n // 2 + 1)]:
+                assert torch.equal(row_dots(rows[lo:hi], vec), full[lo:hi]), (threads, lo, hi)
+                assert torch.equal(row_dots(rows[lo:hi], None), norms[lo:hi]), (threads, lo, hi)
+    finally:
+        torch.set_num_threads(before)
+    ref = rows.double() @ vec.double()
+    assert torch.allclose(full.double(), ref, rtol=1e-4 if dtype == torch.float32 else 1e-12,
+                          atol=1e-3 if dtype == torch.float32 else 1e-9)
