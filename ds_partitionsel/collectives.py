@@ -1,10 +1,14 @@
-"""Bounded, byte-counted collectives for distributed selection.
+"""Bounded, byte-counted, device-aware collectives: the only place that calls
+``torch.distributed`` collectives.
 
-:class:`SelectionComm` wraps a ``torch.distributed`` process group with the few collectives the
-distributed selection needs (all-reduce, list all-gather, broadcast), each of which
+:class:`Communicator` wraps a ``torch.distributed`` process group with the few collectives the
+package needs (all-reduce, list all-gather, broadcast) for the selection and for the training
+loop around it (validation target, train loss, evaluation, metrics), each of which
 
 - runs asynchronously and waits at most ``timeout`` seconds, so a dead or stuck rank ends the
   step with a :class:`CollectiveError` naming the step and the collective instead of a hang;
+- moves its buffer to the backend's device (CUDA for NCCL, CPU for gloo) and back, so callers
+  pass tensors wherever they live;
 - counts the bytes this rank hands to it (``bytes_sent``), the bytes that reach this rank from
   the others (``bytes_received``) and the number of collective rounds (``rounds``).
 
@@ -27,15 +31,22 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveError", "SelectionComm"]
+__all__ = ["CollectiveError", "Communicator", "backend_device"]
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device a backend's collectives take: CUDA for NCCL, the CPU for gloo and MPI."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class CollectiveError(RuntimeError):
-    """A collective of the selection failed or timed out (a rank died, is stuck, or diverged)."""
+    """A collective failed or timed out (a rank died, is stuck, or diverged)."""
 
 
-class SelectionComm:
-    """The process group of one selection call, with timeouts and byte counters.
+class Communicator:
+    """A process group with timeouts, step-named errors and byte counters.
 
     Parameters
     ----------
@@ -46,7 +57,7 @@ class SelectionComm:
     context : prefix of error messages, e.g. ``"selection step 12"``.
     """
 
-    def __init__(self, group=None, timeout: Optional[float] = None, context: str = "selection"):
+    def __init__(self, group=None, timeout: Optional[float] = None, context: str = "collective"):
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
         self.group = group
@@ -66,9 +77,7 @@ class SelectionComm:
                                  "initialized; call init_process_group first")
             self.rank, self.world, backend = 0, 1, "none"
         self.backend = backend
-        # NCCL moves CUDA tensors only; gloo takes CPU tensors.
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-                       else torch.device("cpu"))
+        self.device = backend_device(backend)
 
     # ----------------------------------------------------------------------- plumbing
 
@@ -154,3 +163,7 @@ class SelectionComm:
             self.bytes_received += nbytes
         self.rounds += 1
         return buf.cpu()
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here (an all-reduce of one int64, so it is bounded too)."""
+        self.all_reduce(torch.zeros(1, dtype=torch.int64), "sum", what)

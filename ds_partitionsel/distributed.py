@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ds_partitionsel.collectives import CollectiveError, SelectionComm
+from ds_partitionsel.collectives import CollectiveError, Communicator
 from ds_partitionsel.selection import _GREEDY, _dispatch, select as select_single, validate_inputs
 from ds_partitionsel.solver import Selection, _check_budget_fit, _check_rule, rrg_pick, rrg_shortlist
 
@@ -154,7 +154,7 @@ class ShardedChooser:
     concatenated rows. ``sizes`` (W,) rows per rank, rank-major.
     """
 
-    def __init__(self, comm: SelectionComm, sizes, step_label: str = ""):
+    def __init__(self, comm: Communicator, sizes, step_label: str = ""):
         self.comm = comm
         self.sizes = list(sizes)
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
@@ -233,7 +233,7 @@ def _result_checksum(sel: Selection) -> int:
     return zlib.crc32(float(sel.utility).hex().encode(), c)
 
 
-def _check_agreement(comm: SelectionComm, sel: Selection) -> None:
+def _check_agreement(comm: Communicator, sel: Selection) -> None:
     c = _result_checksum(sel)
     top = comm.all_reduce(torch.tensor([c, -c], dtype=torch.int64), "max",
                           "all-reduce of the result checksum")
@@ -253,7 +253,7 @@ def check_agreement(selection: Selection, *, group=None, step=None,
     domain counts and utility). :func:`select` already calls it; call it again after anything
     that could make ranks' batches drift.
     """
-    comm = SelectionComm(group, timeout, _context(step))
+    comm = Communicator(group, timeout, _context(step))
     _check_agreement(comm, selection)
 
 
@@ -325,7 +325,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
     allow_shortfall = bool(options.get("allow_shortfall", False))
     step = options.get("step")
     start = time.perf_counter()
-    comm = SelectionComm(group, options.get("timeout"), _context(step))
+    comm = Communicator(group, options.get("timeout"), _context(step))
     cost_model = options.get("cost_model") or CostModel.for_backend(comm.backend)
 
     # Local validation; its outcome travels in the header so every rank raises together.

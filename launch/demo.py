@@ -45,6 +45,7 @@ def main():
     pool = os.path.join(".cache", "pools", f"demo{args.max_length}")
     run([sys.executable, "tools/fetch_demo_data.py"])
     if not os.path.exists(os.path.join(REPO, pool, "manifest.json")):
+        os.makedirs(os.path.join(REPO, os.path.dirname(pool)), exist_ok=True)  # fresh clone: no .cache/pools
         run([sys.executable, "tools/build_pool.py", "--tokenizer", model,
              "--train", ".cache/demo_data/train.jsonl", "--valid", ".cache/demo_data/valid.jsonl",
              "--max-length", str(args.max_length), "--out", pool])

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from ds_partitionsel.collectives import Communicator  # noqa: E402
 from ds_partitionsel.budgets import allocate_budgets  # noqa: E402
 from ds_partitionsel.distributed import CostModel  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
@@ -52,6 +53,7 @@ def _rank_main(rank, world, port, cfg, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     dtype = getattr(torch, cfg["dtype"])
+    comm = Communicator(context="bench_distributed")
     rows = []
     for n in cfg["pools"]:
         feats, domains, target = _pool(n, cfg["p"], cfg["domains"], dtype)
@@ -62,14 +64,14 @@ def _rank_main(rank, world, port, cfg, results):
             times, sel = [], None
             for rep in range(cfg["repeats"] + 1):  # the first call warms up
                 gen = torch.Generator().manual_seed(rep)
-                dist.barrier()
+                comm.barrier("benchmark barrier")
                 t0 = time.perf_counter()
                 sel = distributed.select(cfg["method"], *shard, lr=0.5, mode=mode,
                                          rule=cfg["rule"], generator=gen, step=rep)
                 if rep:
                     times.append(time.perf_counter() - t0)
-            slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            slowest = comm.all_reduce(torch.tensor([statistics.median(times)], dtype=torch.float64),
+                                      "max", "slowest rank's time")
             rows.append({"world": world, "n": n, "mode": mode, "ran": sel.info["mode"],
                          "seconds": float(slowest), "bytes_sent": sel.bytes_sent,
                          "bytes_received": sel.info["bytes_received"],
