@@ -36,9 +36,24 @@ as the row alone.
 
 Only the forward from the earliest hooked layer onward records an autograd graph: the rest of
 the forward runs under ``torch.no_grad`` and the backward cannot go below the hooked layers.
+
+The LM head is chunked. ``L_i`` needs the logits only at the ``M`` label positions, and
+``-log softmax(W h + b)[y]`` is a function of that position's final hidden state ``h`` alone,
+with gradient
+
+    d nll / d h = W^T (softmax(W h + b) - e_y).
+
+So the head's input is captured (the head itself runs on an empty slice), and
+:func:`label_nll` computes, ``head_chunk`` label positions at a time, the logits, the NLL and
+this gradient, keeping only ``(M,)`` NLLs and the ``(M, d_model)`` gradients; the backward
+scales those by the upstream gradient. Peak memory is ``head_chunk x vocab`` logits instead of
+``n x T x vocab`` (and the same again for their gradient and log-softmax), with the same two
+head matmuls as autograd would do. Heads that transform their logits further (soft-capping,
+logit scales), a peft-wrapped head, or a hooked head use the full logits instead.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
@@ -54,12 +69,18 @@ from torch.nn import functional as F
 from .projection import BlockGaussianProjection, gaussian_matrix
 
 __all__ = ["GradientSketcher", "resolve_modules", "transformer_blocks", "label_mask",
-           "exact_weight_grads", "kron_weight_sketches"]
+           "exact_weight_grads", "kron_weight_sketches", "label_nll"]
 
 ModuleSpec = Union[int, str, Sequence[str], "re.Pattern[str]"]
 
 DEFAULT_NUM_BLOCKS = 3
 _MODES = ("exact", "kron")
+# float32 logits held at once by the chunked head (``head_chunk="auto"``): 32 MiB
+_HEAD_CHUNK_ELEMENTS = 1 << 23
+# config attributes of HF heads that transform the logits after the linear head (Gemma 2/3
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling): the chunked head would skip
+# them, so such models use the full logits
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 # --------------------------------------------------------------------------- module selection
@@ -233,6 +254,55 @@ def kron_weight_sketches(delta: torch.Tensor, x: torch.Tensor,
     return exact_weight_grads(delta, x)
 
 
+class _LabelNLL(torch.autograd.Function):
+    """``nll_m = logsumexp(W h_m + b) - (W h_m + b)[y_m]``, with ``d nll_m / d h_m`` computed alongside.
+
+    Forward, ``chunk`` rows at a time: the ``(chunk, V)`` logits (in the head's dtype, then
+    float32, as ``model(...).logits.float()``), their log-sum-exp, the NLL, and, in place of the
+    logits, ``softmax - onehot`` times ``W``. Saved for backward: the ``(M, d)`` gradients only.
+    The backward is ``grad_h_m = grad_nll_m * d nll_m / d h_m`` (``W`` and ``b`` get none).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        m = hidden.shape[0]
+        nll = torch.empty(m, dtype=torch.float32, device=hidden.device)
+        dnll = torch.empty_like(hidden)
+        for start in range(0, m, chunk):
+            stop = min(start + chunk, m)
+            target = targets[start:stop, None]
+            logits = F.linear(hidden[start:stop], weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            nll[start:stop] = (lse - logits.gather(1, target)).squeeze(1)
+            probs = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+            probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+            torch.mm(probs.to(weight.dtype), weight, out=dnll[start:stop])
+            del logits, probs
+        ctx.save_for_backward(dnll)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        (dnll,) = ctx.saved_tensors
+        return dnll * grad_nll.to(dnll.dtype)[:, None], None, None, None, None
+
+
+def label_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Next-token NLL ``-log softmax(W h_m + b)[y_m]`` of ``M`` positions, ``(M,)`` float32.
+
+    ``hidden: (M, d)`` final hidden states (differentiable), ``weight: (V, d)``, ``bias: (V,)``
+    or None, ``targets: (M,)`` token ids, ``chunk``: positions whose logits are held at once.
+    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")``
+    with gradient w.r.t. ``hidden`` only, at ``chunk x V`` instead of ``M x V`` memory.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"label_nll needs hidden (M, d) and targets (M,), got {tuple(hidden.shape)} "
+                         f"and {tuple(targets.shape)}")
+    return _LabelNLL.apply(hidden, weight.detach(), None if bias is None else bias.detach(),
+                           targets, max(1, int(chunk)))
+
+
 def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
     idx = rows.nonzero().flatten().tolist()
     text = ", ".join(map(str, idx[:limit]))
@@ -286,6 +356,10 @@ class GradientSketcher:
     dtype : torch.dtype, default torch.float32
         Output dtype. Sketches are computed in float32 (float64 if ``dtype`` is float64)
         whatever the model's dtype; captured activations are cast.
+    head_chunk : int, "auto" or None, default "auto"
+        Label positions whose logits are held at once by the chunked LM head (see the module
+        doc); ``"auto"``: as many as fit in 32 MiB of float32 logits. ``None``: the model's own
+        full logits (the reference path; also used whenever the head cannot be chunked).
 
     Attributes
     ----------
@@ -304,15 +378,16 @@ class GradientSketcher:
     ``batch_size``), as in training. Rows with no label still run the forward. Sketches are
     rank-local: each rank sketches its own rows, and needs nothing from the others.
 
-    Memory per forward: the hooked layers' activations and output gradients for the batch, the
-    logits at the positions that predict a label (``(n, K, vocab)`` floats, usually the largest
-    term), and the features. ``batch_size`` bounds all but the features.
+    Memory per forward: the hooked layers' activations and output gradients for the batch,
+    ``head_chunk x vocab`` logits (``n x K x vocab`` three times over with ``head_chunk=None``),
+    and the features. ``batch_size`` bounds all but the features.
     """
 
     def __init__(self, model: nn.Module, *, modules: ModuleSpec = DEFAULT_NUM_BLOCKS,
                  mode: str = "exact", kron_dims: Union[int, Tuple[int, int]] = 32,
                  dim: Optional[int] = None, seed: int = 0, normalize: bool = True,
-                 include_bias: bool = False, dtype: torch.dtype = torch.float32):
+                 include_bias: bool = False, dtype: torch.dtype = torch.float32,
+                 head_chunk: Union[int, str, None] = "auto"):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if isinstance(kron_dims, int):
@@ -323,6 +398,9 @@ class GradientSketcher:
             raise ValueError(f"dim must be None or a positive int, got {dim!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        if not (head_chunk is None or head_chunk == "auto"
+                or (isinstance(head_chunk, int) and not isinstance(head_chunk, bool) and head_chunk > 0)):
+            raise ValueError(f"head_chunk must be a positive int, 'auto' or None, got {head_chunk!r}")
 
         self.model = unwrap_model(model)
         self.mode = mode
@@ -341,6 +419,13 @@ class GradientSketcher:
                            if self.dim is not None else None)
         self._factor_cache: Dict[Tuple[str, str, str], Optional[torch.Tensor]] = {}
         self._forward_kwargs = self._supported_forward_kwargs()
+        self._head = self._chunkable_head() if head_chunk is not None else None
+        if self._head is None:
+            self.head_chunk = None
+        elif head_chunk == "auto":
+            self.head_chunk = max(1, _HEAD_CHUNK_ELEMENTS // self._head.out_features)
+        else:
+            self.head_chunk = int(head_chunk)
 
     # ------------------------------------------------------------------ layout and projections
 
@@ -369,10 +454,30 @@ class GradientSketcher:
                 device=device, dtype=self.compute_dtype)
         return self._factor_cache[key]
 
+    def _hf_model(self) -> nn.Module:
+        """The Hugging Face model (inside peft, which passes kwargs and attributes through)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _chunkable_head(self) -> Optional[nn.Linear]:
+        """The output head when the chunked head reproduces the model's logits exactly, else None.
+
+        It must be a plain ``nn.Linear`` (not wrapped by peft), not hooked itself (its own
+        ``delta`` needs the full logits), and the config must not transform the logits after it.
+        """
+        inner = self._hf_model()
+        getter = getattr(inner, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if type(head) is not nn.Linear or any(m is head for _, m in self._modules):
+            return None
+        config = getattr(inner, "config", None)
+        for key in _LOGIT_TRANSFORMS:
+            value = getattr(config, key, None)
+            if value is not None and value != 1 and not (key == "final_logit_softcapping" and not value):
+                return None
+        return head
+
     def _supported_forward_kwargs(self) -> set:
-        inner = self.model
-        if hasattr(inner, "get_base_model"):  # peft passes these kwargs through
-            inner = inner.get_base_model()
+        inner = self._hf_model()
         try:
             params = inspect.signature(inner.forward).parameters
         except (TypeError, ValueError):
@@ -437,7 +542,7 @@ class GradientSketcher:
                 f"gradients; check the inputs and weights, or run the model in float32.")
         if self.normalize:
             norms = features.norm(dim=1, keepdim=True)
-            features = features / torch.where(norms > 0, norms, torch.ones_like(norms))
+            features.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
         features = features.to(self.dtype)
         return (features, losses) if return_losses else features
 
@@ -475,6 +580,7 @@ class GradientSketcher:
         """Write the batch's features into ``out`` ``(n, p)`` (zeros on entry); return its losses."""
         model = self.model
         captures = {name: _Capture() for name in self.module_names}
+        head_inputs: List[torch.Tensor] = []
         handles = []
         training = [(m, m.training) for m in model.modules()]
         grad_mode = torch.is_grad_enabled()
@@ -482,9 +588,14 @@ class GradientSketcher:
             for name, module in self._modules:
                 handles.append(module.register_forward_pre_hook(self._pre_hook))
                 handles.append(module.register_forward_hook(self._make_hook(name, captures[name])))
+            if self._head is not None:
+                # prepended: ZeRO-3's own pre-hook wraps the input for the head's backward,
+                # which never runs (the head is bypassed); take the hidden state before that
+                handles.append(self._head.register_forward_pre_hook(
+                    self._make_head_hook(head_inputs), prepend=True))
             model.eval()
             torch.set_grad_enabled(False)  # a pre-hook turns it on at the first hooked module
-            losses = self._forward_losses(input_ids, attention_mask, labels)
+            losses = self._forward_losses(input_ids, attention_mask, labels, head_inputs)
             torch.set_grad_enabled(True)
             missing = [n for n, c in captures.items() if not c.outputs]
             if missing:
@@ -550,7 +661,19 @@ class GradientSketcher:
 
         return hook
 
-    def _forward_losses(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def _make_head_hook(self, head_inputs: List[torch.Tensor]):
+        def hook(mod, args):
+            if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                raise RuntimeError("the output head was not called with one hidden-state tensor; "
+                                   "use GradientSketcher(head_chunk=None) for this model")
+            head_inputs.append(args[0])
+            # the head runs on an empty slice: the logits are computed by label_nll, in chunks
+            return (args[0][..., :0, :],)
+
+        return hook
+
+    def _forward_losses(self, input_ids, attention_mask, labels,
+                        head_inputs: List[torch.Tensor]) -> torch.Tensor:
         """Per-sample mean label NLL ``(n,)``, float32, with a graph from the hooked layers."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         supported = self._forward_kwargs
@@ -563,9 +686,11 @@ class GradientSketcher:
         predictors = labels[:, 1:].any(0).nonzero().flatten()
         if "logits_to_keep" in supported:
             kwargs["logits_to_keep"] = predictors
-            logits = self.model(**kwargs).logits
-        else:
-            logits = self.model(**kwargs).logits[:, predictors]
+        logits = self.model(**kwargs).logits
+        if self._head is not None:
+            return self._chunked_head_losses(input_ids, labels, predictors, head_inputs, supported)
+        if "logits_to_keep" not in supported:
+            logits = logits[:, predictors]
         if not logits.requires_grad:
             raise RuntimeError("the logits do not depend on the hooked modules' outputs; "
                                "choose modules that the model uses before its output head")
@@ -577,6 +702,42 @@ class GradientSketcher:
                               reduction="none").view_as(weights)
         # where(), not multiply: a masked position must not turn NaN into the loss
         return torch.where(weights > 0, nll * weights, torch.zeros_like(nll)).sum(1)
+
+    def _chunked_head_losses(self, input_ids, labels, predictors, head_inputs, supported) -> torch.Tensor:
+        """``L_i`` from the head's captured input: :func:`label_nll` at the ``M`` label positions."""
+        if len(head_inputs) != 1:
+            raise RuntimeError(f"the output head ran {len(head_inputs)} times in one forward; "
+                               f"use GradientSketcher(head_chunk=None) for this model")
+        hidden = head_inputs.pop()  # (n, K, d) with logits_to_keep, else (n, T, d)
+        if "logits_to_keep" not in supported:
+            hidden = hidden[:, predictors]
+        if not hidden.requires_grad:
+            raise RuntimeError("the logits do not depend on the hooked modules' outputs; "
+                               "choose modules that the model uses before its output head")
+        is_label = labels[:, predictors + 1]                    # (n, K)
+        rows, cols = is_label.nonzero(as_tuple=True)            # the M label positions
+        targets = input_ids[rows, predictors[cols] + 1]
+        weights = 1.0 / is_label.sum(1).clamp(min=1).to(torch.float32)
+        with self._gathered_head() as (weight, bias):
+            nll = label_nll(hidden[rows, cols], weight, bias, targets, self.head_chunk)
+        losses = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        return losses.index_add(0, rows, nll * weights[rows])
+
+    @contextlib.contextmanager
+    def _gathered_head(self):
+        """``(weight, bias)`` of the head, whole: gathered for the duration under ZeRO-3.
+
+        Entered after the model's forward: ZeRO-3 would re-partition a (tied) weight that the
+        forward uses after gathering it. Every rank enters it the same number of times.
+        """
+        params = [p for p in (self._head.weight, self._head.bias) if p is not None]
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield self._head.weight, self._head.bias
+        else:
+            yield self._head.weight, self._head.bias
 
     def _reduce_module(self, block: SketchBlock, cap: _Capture, deltas, real) -> torch.Tensor:
         """``(n, block.width)``: the module's weight (and bias) gradient sketch, summed over calls."""

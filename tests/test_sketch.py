@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ds_partitionsel.sketch import GradientSketcher, resolve_modules
+from ds_partitionsel.sketch import GradientSketcher, label_nll, resolve_modules
 
 VOCAB = 97
 
@@ -102,6 +102,14 @@ def test_exact_equals_torch_func_per_sample_grads(build, include_bias):
     expected = func_per_sample_grads(model, sk.module_names, ids, loss, include_bias)
     assert features.shape == expected.shape == (5, sk.feature_dim)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    # the chunked head (default: one chunk of this tiny vocabulary; 1 and 7 label positions per
+    # chunk) and the model's own full logits (head_chunk=None) give the same sketch
+    assert sk.head_chunk > ids.numel()
+    for head_chunk in (1, 7, None):
+        other = GradientSketcher(model, mode="exact", normalize=False, include_bias=include_bias,
+                                 head_chunk=head_chunk)
+        assert other.head_chunk == head_chunk
+        torch.testing.assert_close(other.sketch(ids, attn, loss), expected, rtol=1e-5, atol=1e-6)
 
     unit = GradientSketcher(model, mode="exact", include_bias=include_bias).sketch(ids, attn, loss)
     torch.testing.assert_close(unit, expected / expected.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
@@ -119,6 +127,46 @@ def test_exact_equals_torch_func_on_peft_lora():
     assert model.training
     expected = func_per_sample_grads(model, sk.module_names, ids, loss)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    for head_chunk in (3, None):
+        other = GradientSketcher(model, mode="exact", normalize=False, head_chunk=head_chunk)
+        torch.testing.assert_close(other.sketch(ids, attn, loss), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_label_nll_matches_cross_entropy_and_its_gradient(bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 6, generator=g, requires_grad=True)
+    weight = torch.randn(VOCAB, 6, generator=g)
+    b = torch.randn(VOCAB, generator=g) if bias else None
+    targets = torch.randint(0, VOCAB, (11,), generator=g)
+    upstream = torch.rand(11, generator=g)
+    ref = F.cross_entropy(F.linear(hidden, weight, b).float(), targets, reduction="none")
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), hidden)
+    for chunk in (1, 4, 11, 50):
+        nll = label_nll(hidden, weight, b, targets, chunk)
+        (grad_h,) = torch.autograd.grad((nll * upstream).sum(), hidden)
+        torch.testing.assert_close(nll, ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_h, ref_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hidden .M, d. and targets"):
+        label_nll(hidden, weight, b, targets[:3], 4)
+
+
+def test_heads_that_transform_logits_use_the_full_logits():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, intermediate_size=64, vocab_size=VOCAB, final_logit_softcapping=2.0)
+    model = Gemma2ForCausalLM(cfg)
+    ids, attn, loss, _ = padded_batch(seed=6)
+    sk = GradientSketcher(model, mode="exact", normalize=False, modules=1)
+    assert sk.head_chunk is None  # soft-capping comes after the head: no chunking
+    expected = func_per_sample_grads(model, sk.module_names, ids, loss)
+    torch.testing.assert_close(sk.sketch(ids, attn, loss), expected, rtol=1e-5, atol=1e-6)
+    # a hooked head needs its own full-logit gradient
+    llama = tiny_llama()
+    assert GradientSketcher(llama, modules=["lm_head"]).head_chunk is None
+    assert GradientSketcher(llama, modules=1).head_chunk is not None
 
 
 def test_losses_are_hf_mean_label_nll_per_row():
@@ -308,6 +356,9 @@ def test_bad_input_gives_clear_errors():
         GradientSketcher(model, mode="dense")
     with pytest.raises(ValueError, match="kron_dims"):
         GradientSketcher(model, mode="kron", kron_dims=(4, 0))
+    for bad in (0, -3, 2.5, "big", True):
+        with pytest.raises(ValueError, match="head_chunk must be a positive int"):
+            GradientSketcher(model, head_chunk=bad)
 
 
 def test_row_without_labels_is_a_zero_row_with_a_warning():
