@@ -55,11 +55,41 @@ def _engine(real, config, lr=3e-3, seed=0, output_dir=None):
 def _train_worker(rank, world, real, stage, steps, method, block=None):
     engine = _engine(real, _ds_config(stage, method, **(block or {})))
     before = engine.evaluate()["mean"]
+    # sketching before any training step must leave no .grad behind (ZeRO owns gradients)
+    batch = engine.pool.collate([0, 1, 2], engine.pad_token_id)
+    engine.sketcher.sketch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    grads_after_sketch = sum(p.grad is not None for p in engine.module.parameters())
     recs = [engine.train_step() for _ in range(steps)]
     after = engine.evaluate()["mean"]
     return {"before": before, "after": after, "selected": [r["selected"] for r in recs],
             "counts": [r["domain_counts"] for r in recs], "pairs": [r.get("conflicting_pairs") for r in recs],
-            "no_grad_leak": True}
+            "grads_after_sketch": grads_after_sketch}
+
+
+def _bf16_worker(rank, world, real, steps):
+    """The shipped bf16 config's precision and ZeRO stage on the test model and pool."""
+    shipped = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          "ds_configs", "zero2_bf16.json")))
+    cfg = _ds_config(shipped["zero_optimization"]["stage"])
+    cfg["bf16"] = shipped["bf16"]
+    engine = _engine(real, cfg)
+    weight_dtype = str(next(engine.module.parameters()).dtype)
+    batch = engine.pool.collate([0, 1, 2], engine.pad_token_id)
+    feats = engine.sketcher.sketch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    # the same weights in float32: bf16 sketches must point the same way
+    ref_model = _tiny_model(engine.module.config.vocab_size)
+    ref_model.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
+    from ds_partitionsel.sketch import GradientSketcher
+    ref = GradientSketcher(ref_model, modules=2, mode="exact").sketch(
+        batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    cosine = torch.nn.functional.cosine_similarity(feats.double(), ref.double(), dim=1)
+    before = engine.evaluate()["mean"]
+    recs = [engine.train_step() for _ in range(steps)]
+    after = engine.evaluate()["mean"]
+    return {"weight_dtype": weight_dtype, "sketch_dtype": str(feats.dtype),
+            "finite": bool(torch.isfinite(feats).all()), "min_cosine": float(cosine.min()),
+            "before": before, "after": after, "selected": [r["selected"] for r in recs],
+            "losses": [r["train_loss"] for r in recs]}
 
 
 def _full_vs_plain_worker(rank, world, real, steps):
@@ -175,10 +205,21 @@ def test_every_zero_stage_trains_and_all_ranks_apply_the_same_selection(real, st
     out = run_ranks(_train_worker, 2, real, stage, 6, "partitionsel", STAGE_OPTIONS[stage])
     for r in out:
         assert r["after"] < r["before"], f"held-out loss did not fall at ZeRO-{stage}: {r}"
+        assert r["grads_after_sketch"] == 0, f"sketching wrote .grad at ZeRO-{stage}"
         for counts in r["counts"]:
             assert sum(counts.values()) == 2 * MICRO
     assert out[0]["selected"] == out[1]["selected"]
     assert out[0]["before"] == pytest.approx(out[1]["before"]) and out[0]["after"] == pytest.approx(out[1]["after"])
+
+
+def test_bf16_config_trains_and_sketches_in_float32(real):
+    out = run_ranks(_bf16_worker, 2, real, 4)
+    for r in out:
+        assert r["weight_dtype"] == "torch.bfloat16", r  # DeepSpeed really runs the model in bf16
+        assert r["sketch_dtype"] == "torch.float32" and r["finite"], r
+        assert r["min_cosine"] > 0.95, r  # bf16 activations, float32 accumulation
+        assert all(l == l for l in r["losses"]) and r["after"] < r["before"], r
+    assert out[0]["selected"] == out[1]["selected"]
 
 
 def test_same_selection_on_every_zero_stage(real):
