@@ -303,6 +303,19 @@ def label_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                            targets, max(1, int(chunk)))
 
 
+def _nonfinite_rows(features: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: rows with a NaN or Inf entry.
+
+    A row with one has a non-finite sum (NaN and Inf propagate), so only the rows whose sum is
+    non-finite are checked element by element: ``torch.isfinite`` over the whole ``(n, p)``
+    matrix would allocate several temporaries of its size.
+    """
+    bad = ~torch.isfinite(features.sum(1))
+    if bool(bad.any()):
+        bad[bad.clone()] = ~torch.isfinite(features[bad]).all(1)  # a finite sum that overflowed
+    return bad
+
+
 def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
     idx = rows.nonzero().flatten().tolist()
     text = ", ".join(map(str, idx[:limit]))
@@ -534,7 +547,7 @@ class GradientSketcher:
             losses[sl] = self._sketch_batch(input_ids[sl], attention_mask[sl], labels[sl],
                                             features[sl])
 
-        bad = ~torch.isfinite(features).all(1)
+        bad = _nonfinite_rows(features)
         if bool(bad.any()):
             raise FloatingPointError(
                 f"non-finite gradient features in rows {_row_list(bad)} (losses there: "

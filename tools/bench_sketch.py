@@ -7,14 +7,23 @@ weights of the last 3 blocks). Methods, side by side:
 - ``forward``  : a plain ``torch.no_grad`` forward of the pool (the physical floor).
 - ``exact``    : ``GradientSketcher(mode="exact")``: the per-sample gradients themselves.
 - ``kron``     : ``GradientSketcher(mode="kron", kron_dims=k, dim=p)``.
+- ``exact_fullhead`` / ``kron_fullhead``: the same with ``head_chunk=None``, the model's own
+  full logits (the sketcher before the chunked LM head): the baseline of the chunked head.
 - ``func``     : per-sample gradients by ``torch.func`` (``vmap(grad)``) for the same weights,
   then a dense Gaussian projection to the same ``p`` (rows of the ``D x p`` matrix generated in
   chunks, each chunk applied to the whole pool). Run in chunks of ``--func-chunk`` sequences.
 
 Each method runs in a fresh Python process, so its peak memory is measured alone: the peak
 resident set size during the method minus the resident set size after loading the model and
-the pool (``VmHWM`` reset through ``/proc/self/clear_refs``). Gram-matrix errors are
-``||K_hat - K||_F / ||K||_F`` against the ``exact`` Gram ``K`` (unnormalized features).
+the pool (``VmHWM`` reset through ``/proc/self/clear_refs``), read right after the timed runs.
+``peak_working_mib`` subtracts the returned features themselves (``n x p`` floats, which any
+method must hold). Gram-matrix errors are ``||K_hat - K||_F / ||K||_F`` against the ``exact``
+Gram ``K`` (unnormalized features).
+
+Targets (issue 14), checked side by side in the same run and written under ``targets``: kron
+peak <= 1.3x and exact peak <= 2x the plain forward's peak; both >= 10x less than ``func``; time
+no worse than the full-logit baseline. ``--profile`` adds a ``torch.profiler`` table (top
+operators by self CPU time, with memory) of one extra sketch per method to the JSON.
 
 Pool: the demo dataset (``.cache/demo_data/train.jsonl``) when present, else random token ids.
 Each sequence is one example's prompt + response followed by the next examples' text until it
@@ -36,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("forward", "exact", "kron", "func")
+METHODS = ("forward", "exact", "kron", "exact_fullhead", "kron_fullhead", "func")
 
 
 # --------------------------------------------------------------------------- memory accounting
@@ -140,15 +149,31 @@ def run_method(args) -> dict:
                           use_cache=False)
             times.append(time.perf_counter() - t0)
         gram = None
-    elif args.method in ("exact", "kron"):
-        mode_kwargs = ({"mode": "exact"} if args.method == "exact"
+        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+        if args.profile:
+            def plain_forward():
+                with torch.no_grad():
+                    for s in range(0, args.pool, args.chunk):
+                        model(input_ids=ids[s:s + args.chunk], attention_mask=attn[s:s + args.chunk],
+                              use_cache=False)
+            result["profile_table"] = profile_table(plain_forward)
+    elif args.method in ("exact", "kron", "exact_fullhead", "kron_fullhead"):
+        mode = args.method.split("_")[0]
+        mode_kwargs = ({"mode": "exact"} if mode == "exact"
                        else {"mode": "kron", "kron_dims": args.kron_dims, "dim": args.dim})
-        sk = GradientSketcher(model, **sketch_kwargs, **mode_kwargs)
+        head_chunk = None if args.method.endswith("_fullhead") else (args.head_chunk or "auto")
+        sk = GradientSketcher(model, **sketch_kwargs, **mode_kwargs, head_chunk=head_chunk)
+        result["head_chunk"] = sk.head_chunk
         for _ in range(args.repeats):
+            feats = None  # the previous result is not held during the next run
             t0 = time.perf_counter()
             feats = sk.sketch(ids, attn, loss, batch_size=args.chunk)
             times.append(time.perf_counter() - t0)
+        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+        result["features_mib"] = feats.numel() * feats.element_size() / 2**20
         result["feature_dim"] = feats.shape[1]
+        if args.profile:
+            result["profile_table"] = profile_table(lambda: sk.sketch(ids, attn, loss, batch_size=args.chunk))
         gram = gram64(feats)
         del feats
     else:  # one repeat: minutes long
@@ -157,10 +182,20 @@ def run_method(args) -> dict:
         times.append(time.perf_counter() - t0)
     result["seconds"] = min(times)
     result["all_seconds"] = times
-    result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+    if "peak_extra_mib" not in result:  # func: its peak includes the projection and the Grams
+        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
     result["gram"] = None if gram is None else gram.double().tolist()
     result["hooked_params"] = sum(dict(model.named_modules())[n].weight.numel() for n in names)
     return result
+
+
+def profile_table(fn, rows: int = 15) -> str:
+    """``torch.profiler`` table of one call of ``fn``: top operators by self CPU time, with memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def func_baseline(model, names, ids, attn, loss, args, result):
@@ -233,6 +268,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed repeats of forward/exact/kron (the minimum is reported; func runs once)")
     ap.add_argument("--func-chunk", type=int, default=8, help="sequences per torch.func vmap call")
+    ap.add_argument("--head-chunk", type=int, default=None,
+                    help="label positions per chunk of the LM head (default: the sketcher's 'auto')")
+    ap.add_argument("--profile", action="store_true",
+                    help="add a torch.profiler table of one extra run per method to the JSON")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -266,32 +305,64 @@ def main(argv=None):
             if r.get("exact_gram") is not None:
                 r["func_exact_gram_rel_err"] = rel_err(r["exact_gram"], exact_gram)
     floor = results.get("forward", {}).get("seconds")
+    floor_peak = results.get("forward", {}).get("peak_extra_mib")
     func = results.get("func", {})
     rows = []
     for m, r in results.items():
+        base = results.get(f"{m}_fullhead")  # the full-logit baseline of a chunked-head method
+        working = r["peak_extra_mib"] - r.get("features_mib", 0.0)
         row = {"method": m, "seconds": r["seconds"], "peak_extra_mib": r["peak_extra_mib"],
                "feature_dim": r.get("feature_dim"), "gram_rel_err": r.get("gram_rel_err"),
                "x_forward": r["seconds"] / floor if floor else None,
                "speedup_vs_func": func["seconds"] / r["seconds"] if func and m != "forward" else None,
                "mem_ratio_vs_func": (func["peak_extra_mib"] / r["peak_extra_mib"]
-                                     if func and m != "forward" and r["peak_extra_mib"] > 0 else None)}
+                                     if func and m != "forward" and r["peak_extra_mib"] > 0 else None),
+               "head_chunk": r.get("head_chunk"),
+               "features_mib": r.get("features_mib"),
+               "peak_working_mib": working,
+               "peak_x_forward": r["peak_extra_mib"] / floor_peak if floor_peak else None,
+               "working_peak_x_forward": working / floor_peak if floor_peak else None,
+               "x_fullhead": r["seconds"] / base["seconds"] if base else None,
+               "peak_x_fullhead": r["peak_extra_mib"] / base["peak_extra_mib"] if base else None}
         rows.append(row)
+    by_method = {row["method"]: row for row in rows}
+    targets = {}
+    for m, bound in (("kron", 1.3), ("exact", 2.0)):
+        row = by_method.get(m)
+        if row is None or row["peak_x_forward"] is None:
+            continue
+        targets[f"{m}_peak_x_forward"] = {"bound": bound, "value": row["peak_x_forward"],
+                                          "met": row["peak_x_forward"] <= bound}
+        targets[f"{m}_working_peak_x_forward"] = {"bound": bound, "value": row["working_peak_x_forward"],
+                                                  "met": row["working_peak_x_forward"] <= bound}
+        if row["mem_ratio_vs_func"] is not None:
+            targets[f"{m}_mem_ratio_vs_func"] = {"bound": 10.0, "value": row["mem_ratio_vs_func"],
+                                                 "met": row["mem_ratio_vs_func"] >= 10.0}
+        if row["x_fullhead"] is not None:
+            # timings are noisy on a shared machine: 5% counts as unchanged
+            targets[f"{m}_time_x_fullhead"] = {"bound": 1.05, "value": row["x_fullhead"],
+                                               "met": row["x_fullhead"] <= 1.05}
 
     print(f"\nSketch benchmark: {Path(args.model).name}, pool {args.pool} x {args.seq} tokens, "
           f"last {args.blocks} blocks ({results[methods[0]]['hooked_params']:,} weights), "
           f"{args.threads} threads, pool: {results[methods[0]]['pool_source']}")
     print(f"kron: kron_dims={args.kron_dims}, dim={args.dim}; func: vmap(grad) in chunks of "
           f"{args.func_chunk} + dense Gaussian projection to {args.dim}; others in chunks of {args.chunk}")
-    fmt = "{:<8} {:>9} {:>12} {:>11} {:>10} {:>11} {:>12} {:>12}"
-    print(fmt.format("method", "time s", "peak MiB", "p", "Gram err", "x forward", "speedup", "mem ratio"))
+    fmt = "{:<15} {:>8} {:>9} {:>9} {:>10} {:>11} {:>9} {:>10} {:>8} {:>9} {:>9} {:>9}"
+    print(fmt.format("method", "time s", "peak MiB", "work MiB", "p", "Gram err", "x forward",
+                     "peak x fwd", "speedup", "mem ratio", "x fullhd", "peak x fh"))
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     for row in rows:
         print(fmt.format(row["method"], f(row["seconds"], ".2f"), f(row["peak_extra_mib"], ".0f"),
+                         f(row["peak_working_mib"], ".0f"),
                          f(row["feature_dim"], ","), f(row["gram_rel_err"], ".2e"),
-                         f(row["x_forward"], ".2f"), f(row["speedup_vs_func"], ".1f"),
-                         f(row["mem_ratio_vs_func"], ".1f")))
+                         f(row["x_forward"], ".2f"), f(row["peak_x_forward"], ".2f"),
+                         f(row["speedup_vs_func"], ".1f"), f(row["mem_ratio_vs_func"], ".1f"),
+                         f(row["x_fullhead"], ".2f"), f(row["peak_x_fullhead"], ".2f")))
+    for name, t in targets.items():
+        print(f"target {name}: {t['value']:.2f} (bound {t['bound']}) {'met' if t['met'] else 'MISSED'}")
     if func:
         print(f"func split: per-sample grads {func['func_seconds']:.1f} s, projection "
               f"{func['projection_seconds']:.1f} s; its exact Gram vs ours: "
@@ -302,7 +373,7 @@ def main(argv=None):
         r.pop("gram", None)
         r.pop("exact_gram", None)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "method"},
-                               "table": rows, "results": results}, indent=2))
+                               "table": rows, "targets": targets, "results": results}, indent=2))
     print(f"wrote {out}")
     return 0
 
