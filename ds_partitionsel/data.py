@@ -7,6 +7,8 @@
 
 The arrays are memory-mapped: opening a pool reads only the manifest and the small per-record
 arrays, and every rank of a job can open the same files and fetch any record by global index.
+A split stored as several shards (``tools/build_pool.py`` on a large corpus) reads as one
+sequence of records: global index ``i`` maps to the shard that holds it.
 """
 from __future__ import annotations
 
@@ -56,14 +58,22 @@ class CandidatePool:
         self.manifest = read_manifest(self.path)
         if tokenizer is not None:
             self._check_tokenizer(tokenizer)
-        arrays = open_split_arrays(self.path, self.manifest, split, verify=verify)
-        self._tokens = arrays["tokens"]
-        self._loss_mask = arrays["loss_mask"]
-        self._offsets = np.array(arrays["offsets"], dtype=np.int64)  # (N+1,), small: keep in memory
+        shards = open_split_arrays(self.path, self.manifest, split, verify=verify)
+        self._tokens = [s["tokens"] for s in shards]        # per shard: (T_s,) memmap
+        self._loss_mask = [s["loss_mask"] for s in shards]  # per shard: (T_s,) memmap
+        offsets = [np.array(s["offsets"], dtype=np.int64) for s in shards]  # small: keep in memory
+        # per record: its shard, and its first token within that shard
+        self._shard_of = np.concatenate([np.full(len(o) - 1, k, dtype=np.int32) for k, o in enumerate(offsets)]
+                                        + [np.zeros(0, np.int32)])
+        self._starts = np.concatenate([o[:-1] for o in offsets] + [np.zeros(0, np.int64)])
+        self._shard_offsets = offsets
         self.domain_names = list(self.manifest["domains"])
-        self.domains = torch.from_numpy(np.array(arrays["domains"], dtype=np.int64))
-        self.lengths = torch.from_numpy(np.diff(self._offsets))
-        self.truncated = torch.from_numpy(np.array(arrays["truncated"], dtype=np.bool_))
+        self.domains = torch.from_numpy(np.concatenate(
+            [s["global_domain"][np.asarray(s["domains"], dtype=np.int64)] for s in shards] + [np.zeros(0, np.int64)]))
+        self.lengths = torch.from_numpy(np.concatenate([np.diff(o) for o in offsets] + [np.zeros(0, np.int64)]))
+        self.truncated = torch.from_numpy(np.concatenate(
+            [np.array(s["truncated"], dtype=np.bool_) for s in shards] + [np.zeros(0, np.bool_)]))
+        self.num_shards = len(shards)
 
     def _check_tokenizer(self, tokenizer) -> None:
         built = self.manifest["tokenizer"]
@@ -82,7 +92,7 @@ class CandidatePool:
     # ------------------------------------------------------------------ map-style access
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._starts)
 
     def _index(self, i) -> int:
         n = len(self)
@@ -100,10 +110,11 @@ class CandidatePool:
         token itself; the model shifts internally).
         """
         i = self._index(i)
-        a, b = self._offsets[i], self._offsets[i + 1]
+        k, a = self._shard_of[i], self._starts[i]
+        b = a + int(self.lengths[i])
         return {
-            "input_ids": torch.from_numpy(self._tokens[a:b].astype(np.int64)),
-            "loss_mask": torch.from_numpy(np.array(self._loss_mask[a:b], dtype=np.bool_)),
+            "input_ids": torch.from_numpy(self._tokens[k][a:b].astype(np.int64)),
+            "loss_mask": torch.from_numpy(np.array(self._loss_mask[k][a:b], dtype=np.bool_)),
             "domain": int(self.domains[i]),
         }
 
@@ -119,15 +130,15 @@ class CandidatePool:
         idx = [self._index(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
         if not idx:
             raise ValueError("collate needs at least one index")
-        starts = self._offsets[idx]
-        lens = self._offsets[np.asarray(idx) + 1] - starts
+        starts, shards = self._starts[idx], self._shard_of[idx]
+        lens = self.lengths.numpy()[idx]
         B, T = len(idx), int(lens.max())
         input_ids = np.full((B, T), int(pad_token_id), dtype=np.int64)
         loss_mask = np.zeros((B, T), dtype=np.bool_)
         attention = np.zeros((B, T), dtype=np.int64)
-        for row, (a, n) in enumerate(zip(starts, lens)):
-            input_ids[row, :n] = self._tokens[a:a + n]
-            loss_mask[row, :n] = self._loss_mask[a:a + n]
+        for row, (k, a, n) in enumerate(zip(shards, starts, lens)):
+            input_ids[row, :n] = self._tokens[k][a:a + n]
+            loss_mask[row, :n] = self._loss_mask[k][a:a + n]
             attention[row, :n] = 1
         labels = np.where(loss_mask, input_ids, IGNORE_INDEX)
         return {
@@ -144,10 +155,11 @@ class CandidatePool:
 
     def loss_token_counts(self) -> torch.Tensor:
         """(N,) int64: number of trained (response) tokens of every record. Reads the whole mask."""
-        if len(self) == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        mask = np.asarray(self._loss_mask, dtype=np.int64)
-        return torch.from_numpy(np.add.reduceat(mask, self._offsets[:-1]))
+        counts = [np.zeros(0, np.int64)]
+        for mask, offsets in zip(self._loss_mask, self._shard_offsets):  # one shard in memory at a time
+            running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+            counts.append(running[offsets[1:]] - running[offsets[:-1]])
+        return torch.from_numpy(np.concatenate(counts))
 
     def __repr__(self) -> str:
         counts = dict(zip(self.domain_names, self.domain_counts().tolist()))

@@ -1,40 +1,57 @@
 """The on-disk candidate pool format, shared by the builder (tools/build_pool.py) and the reader
-(:mod:`ds_partitionsel.data`).
+(:mod:`ds_partitionsel.data`). docs/POOLS.md describes it for users.
 
-A pool directory::
+A pool directory (format version 2)::
 
     POOL/
-      manifest.json            format name and version, tokenizer, max length, domains, per split:
-                               record/token counts per domain, truncation counts, file sizes and
-                               SHA-256 of every array file
-      train/tokens.npy         (T,)   uint16 or uint32   token ids of all records, concatenated
-      train/loss_mask.npy      (T,)   bool               True = response token trained on
-      train/offsets.npy        (N+1,) int64              record i is tokens[offsets[i]:offsets[i+1]]
-      train/domains.npy        (N,)   int32              domain id, an index into manifest["domains"]
-      train/truncated.npy      (N,)   bool               record i was cut to max_length
+      manifest.json            format name and version, tokenizer, kind of candidates, domains,
+                               per split: counts per domain, and the list of its shards, each
+                               with its record/token counts, its own domain table and the size
+                               and SHA-256 of each of its array files
+      train/tokens.npy         a split with one shard keeps its arrays directly in the split folder;
+      train/...                a split with several has one folder per shard:
+      train/shard-00000/tokens.npy ...  train/shard-00001/tokens.npy ...
       valid/...                the same for every other split
+
+One shard holds these arrays (``N`` records, ``T`` tokens)::
+
+      tokens.npy      (T,)   uint16 or uint32   token ids of the shard's records, concatenated
+      loss_mask.npy   (T,)   bool               True = the token is a training target
+      offsets.npy     (N+1,) int64              record i is tokens[offsets[i]:offsets[i+1]]
+      domains.npy     (N,)   int32              index into the shard's own ``domains`` list
+      truncated.npy   (N,)   bool               record i was cut to max_length
+
+A split is the concatenation of its shards in manifest order: global record ``i`` is record
+``i - first(s)`` of the shard ``s`` that holds it. Which records make a shard depends only on
+the input and ``--shard-docs`` (never on how many processes built the pool), so the files are
+the same for any number of build workers. Version 1 pools (one shard, arrays in the split folder,
+domain ids global) are still read.
 
 Arrays are ``.npy`` files written with ``np.save(..., allow_pickle=False)`` and read memory-mapped
 with ``allow_pickle=False``; the manifest is JSON. Nothing in the format uses pickle.
 
-This module also holds the two pure kernels that decide what goes into a pool:
-:func:`tokenize_example` (prompt/response -> ids and loss mask) and
-:func:`tokenizer_fingerprint` (what "the same tokenizer" means).
+This module also holds the pure kernels that decide what goes into a pool
+(:func:`tokenize_example`, :func:`pack_windows`, :func:`tokenizer_fingerprint`), the shard
+writer (:class:`ShardBuffer`) and the safe replacement of an existing pool
+(:func:`check_replaceable`, :func:`commit_pool`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 FORMAT_NAME = "ds_partitionsel.pool"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
-# name -> (dtype or None for "token dtype", one entry per token (True) or per record (False))
+# name -> (dtype or None for "token dtype", one entry per token / offset / record)
 ARRAY_FILES = {
     "tokens.npy": (None, "token"),
     "loss_mask.npy": (np.bool_, "token"),
@@ -67,8 +84,7 @@ def load_tokenizer(name_or_path):
     if not path.exists():
         raise ValueError(
             f"tokenizer path {str(name_or_path)!r} does not exist. Pass a local folder with tokenizer "
-            f"files, e.g. .cache/models/smollm2-135m (python tools/fetch_demo_data.py --model-only)."
-        )
+            f"files, e.g. .cache/models/smollm2-135m (python tools/fetch_demo_data.py --model-only).")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises several types (OSError, ValueError, KeyError)
@@ -158,6 +174,58 @@ def tokenize_example(tokenizer, prompt: str, response: str, use_chat_template: b
     return head + body, [False] * len(head) + [True] * len(body)
 
 
+def batch_encoder(tokenizer):
+    """``encode(texts) -> list of id lists``, the fastest batched call the tokenizer offers.
+
+    Fast tokenizers go straight to the Rust backend (``encode_batch_fast`` skips the character
+    offsets we do not need); no special tokens are added. Slow tokenizers fall back to
+    ``tokenizer(texts, add_special_tokens=False)``. Both give ``tokenizer.encode(text,
+    add_special_tokens=False)`` for every text.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return lambda texts: [e.ids for e in fast(texts, add_special_tokens=False)]
+    return lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def document_ids(ids: np.ndarray, eos_token_id: int | None) -> np.ndarray:
+    """A document's ids followed by EOS (unless it already ends with EOS, as Megatron documents
+    built with ``--append-eod`` do, or the tokenizer has none)."""
+    if eos_token_id is None or (len(ids) and int(ids[-1]) == eos_token_id):
+        return ids
+    return np.concatenate([ids, np.asarray([eos_token_id], dtype=ids.dtype)])
+
+
+def pack_windows(stream: np.ndarray, seq_len: int, keep_tail: bool):
+    """Fixed-length training windows over one domain's token stream.
+
+    ``stream`` (L,) is the domain's documents, each followed by EOS, concatenated. Window ``i``
+    is ``stream[i*(S-1) : i*(S-1) + S]`` (S = ``seq_len``): the model reads S tokens and learns
+    the S-1 next-token predictions inside the window, and consecutive windows share one token,
+    so every token of the stream after the first is a target exactly once (Megatron's
+    GPTDataset draws S+1 tokens per sample with the same one-token overlap; a Hugging Face model
+    shifts the labels itself, so S positions give S-1 targets and stay within the model's
+    position limit). There are ``n = (L - S) // (S - 1) + 1`` full windows when L >= S.
+
+    The rest, ``stream[n*(S-1):]`` (fewer than S tokens), is dropped (``keep_tail=False``, as
+    Megatron drops the last partial training sample) or kept as one shorter record when it
+    holds at least one target (``keep_tail=True``, for validation, as Megatron keeps the last
+    partial validation sequence).
+
+    Returns ``(tokens (sum of window lengths,), lengths (W,) int64, dropped_tokens int)``.
+    """
+    S, L = int(seq_len), len(stream)
+    n = (L - S) // (S - 1) + 1 if L >= S else 0
+    starts = np.arange(n, dtype=np.int64) * (S - 1)
+    windows = stream[starts[:, None] + np.arange(S)].reshape(-1) if n else stream[:0]
+    lengths = np.full(n, S, dtype=np.int64)
+    rest = stream[n * (S - 1):]  # starts with the last window's final token when n > 0
+    if keep_tail and len(rest) >= 2:
+        return np.concatenate([windows, rest]), np.append(lengths, len(rest)), 0
+    return windows, lengths, len(rest) - 1 if n else L  # tokens that are in no window
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -176,6 +244,86 @@ def save_array(path, array: np.ndarray) -> dict:
             "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
+def shard_dir(num_shards: int, index: int) -> str:
+    """Folder of shard ``index`` inside its split folder ('' when the split has one shard)."""
+    return "" if num_shards == 1 else f"shard-{index:05d}"
+
+
+class ShardBuffer:
+    """The records of one shard, collected in order and written as the five array files.
+
+    Memory: the shard's tokens (token dtype) and masks; nothing of other shards.
+    """
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.tokens, self.masks, self.lengths = [], [], []
+        self.domains, self.truncated = [], []  # per record: domain name, bool
+        self.counts = {}  # extra per-domain counters (documents, dropped tokens, ...), summed at the end
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, domain: str, truncated: bool = False) -> None:
+        self.tokens.append(np.asarray(ids, dtype=self.dtype))
+        self.masks.append(np.asarray(mask, dtype=np.bool_))
+        self.lengths.append(len(ids))
+        self.domains.append(domain)
+        self.truncated.append(bool(truncated))
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, domain: str) -> None:
+        """Records ``tokens`` split at ``lengths``, every token a target (packed windows)."""
+        self.tokens.append(np.asarray(tokens, dtype=self.dtype))
+        self.masks.append(np.ones(len(tokens), dtype=np.bool_))
+        self.lengths.extend(int(x) for x in lengths)
+        self.domains.extend([domain] * len(lengths))
+        self.truncated.extend([False] * len(lengths))
+
+    def count(self, domain: str, key: str, n: int) -> None:
+        c = self.counts.setdefault(domain, {})
+        c[key] = c.get(key, 0) + int(n)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def write(self, folder: Path) -> dict:
+        """Write the arrays into ``folder`` (created); returns the shard's manifest entry."""
+        folder.mkdir(parents=True, exist_ok=True)
+        names = sorted(set(self.domains))
+        local = {d: i for i, d in enumerate(names)}
+        domains = np.asarray([local[d] for d in self.domains], dtype=np.int32)
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, self.dtype)
+        mask = np.concatenate(self.masks) if self.masks else np.zeros(0, np.bool_)
+        truncated = np.asarray(self.truncated, dtype=np.bool_)
+        arrays = {"tokens.npy": tokens, "loss_mask.npy": mask, "offsets.npy": offsets,
+                  "domains.npy": domains, "truncated.npy": truncated}
+        files = {name: save_array(folder / name, arr) for name, arr in arrays.items()}
+        loss = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if len(lengths) and len(mask) else \
+            np.zeros(len(lengths), np.int64)
+        per_domain = {}
+        for d in sorted(set(names) | set(self.counts)):
+            sel = domains == local[d] if d in local else np.zeros(len(domains), np.bool_)
+            per_domain[d] = {"records": int(sel.sum()), "tokens": int(lengths[sel].sum()),
+                             "loss_tokens": int(loss[sel].sum()), "truncated": int(truncated[sel].sum()),
+                             **self.counts.get(d, {})}
+        return {"num_records": int(len(lengths)), "num_tokens": int(offsets[-1]), "domains": names,
+                "per_domain": per_domain, "files": files}
+
+
+def merge_per_domain(blocks) -> dict:
+    """Sum per-domain counter dicts (shards -> split), keys sorted."""
+    out = {}
+    for block in blocks:
+        for d, c in block.items():
+            acc = out.setdefault(d, {})
+            for k, v in c.items():
+                acc[k] = acc.get(k, 0) + v
+    return {d: out[d] for d in sorted(out)}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
 def read_manifest(pool_dir) -> dict:
     """Load and check ``pool_dir/manifest.json`` (format name and version, required keys)."""
     pool_dir = Path(pool_dir)
@@ -187,39 +335,59 @@ def read_manifest(pool_dir) -> dict:
             f"python tools/build_pool.py --tokenizer TOK --train DATA.jsonl --out {pool_dir}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PoolFormatError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise PoolFormatError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PoolFormatError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise PoolFormatError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported by this "
-            f"ds_partitionsel (reads version {FORMAT_VERSION}); rebuild the pool with this version's "
-            f"tools/build_pool.py")
+            f"ds_partitionsel (reads versions {list(READABLE_VERSIONS)}); rebuild the pool with this "
+            f"version's tools/build_pool.py")
     for key in ("tokenizer", "max_length", "domains", "splits"):
         if key not in manifest:
             raise PoolFormatError(f"{path}: missing key {key!r}")
     return manifest
 
 
-def open_split_arrays(pool_dir, manifest: dict, split: str, verify: bool = False) -> dict:
-    """Memory-map the arrays of one split and check them against the manifest.
+def split_shards(manifest: dict, split: str) -> list:
+    """The shard entries of one split, each with ``dir`` (relative to the pool), whatever the version."""
+    entry = manifest["splits"][split]
+    if manifest["format_version"] == 1:  # one shard, arrays in the split folder, global domain ids
+        return [{"dir": split, "num_records": entry["num_records"], "num_tokens": entry["num_tokens"],
+                 "domains": list(manifest["domains"]), "files": entry["files"]}]
+    shards = entry.get("shards")
+    if not isinstance(shards, list):
+        raise PoolFormatError(f"manifest split {split!r} lists no shards")
+    return [dict(s, dir=f"{split}/{s['dir']}".rstrip("/")) for s in shards]
+
+
+def pool_files(manifest: dict) -> list:
+    """Every file of a pool (relative paths), the manifest included."""
+    files = [MANIFEST]
+    for split in manifest["splits"]:
+        for shard in split_shards(manifest, split):
+            files += [f"{shard['dir']}/{name}" for name in shard["files"]]
+    return files
+
+
+def open_shard(pool_dir, manifest: dict, shard: dict, verify: bool = False) -> dict:
+    """Memory-map one shard's arrays and check them against its manifest entry.
 
     Checks: every file present, byte size, dtype and shape as recorded; offsets start at 0, end
-    at the token count and never decrease; domain ids in range. ``verify=True`` also re-hashes
-    every file (reads it all). Returns ``{file stem: np.ndarray (read-only memmap)}``.
+    at the token count and never decrease; domain ids index the shard's domain list, whose names
+    are domains of the pool. ``verify=True`` also re-hashes every file (reads it all).
+    Returns ``{file stem: np.ndarray (read-only memmap)}`` plus ``"global_domain"`` (local id ->
+    pool domain id, an int64 array).
     """
-    splits = manifest["splits"]
-    if split not in splits:
-        raise PoolFormatError(f"pool {pool_dir} has no split {split!r}; it has {sorted(splits)}")
-    entry = splits[split]
-    base = Path(pool_dir) / split
+    base = Path(pool_dir) / shard["dir"]
     arrays = {}
     for name in ARRAY_FILES:
         path = base / name
-        rec = entry["files"].get(name)
+        rec = shard["files"].get(name)
         if rec is None:
-            raise PoolFormatError(f"manifest of {pool_dir} lists no {split}/{name}")
+            raise PoolFormatError(f"manifest of {pool_dir} lists no {shard['dir']}/{name}")
         if not path.is_file():
             raise PoolFormatError(f"{path} is missing; the pool is incomplete, rebuild it")
         if os.path.getsize(path) != rec["bytes"]:
@@ -233,7 +401,7 @@ def open_split_arrays(pool_dir, manifest: dict, split: str, verify: bool = False
             raise PoolFormatError(f"{path}: dtype/shape {arr.dtype.str}{list(arr.shape)} differ from the "
                                   f"manifest's {rec['dtype']}{rec['shape']}")
         arrays[name[:-4]] = arr
-    n, t = entry["num_records"], entry["num_tokens"]
+    n, t = shard["num_records"], shard["num_tokens"]
     offsets = arrays["offsets"]
     sizes = {"tokens": t, "loss_mask": t, "offsets": n + 1, "domains": n, "truncated": n}
     for stem, want in sizes.items():
@@ -241,6 +409,91 @@ def open_split_arrays(pool_dir, manifest: dict, split: str, verify: bool = False
             raise PoolFormatError(f"{base}/{stem}.npy has shape {arrays[stem].shape}, expected ({want},)")
     if offsets[0] != 0 or offsets[-1] != t or (n > 0 and np.any(np.diff(offsets) < 0)):
         raise PoolFormatError(f"{base}/offsets.npy is not a valid offset table (0 .. {t}, nondecreasing)")
-    if n > 0 and (arrays["domains"].min() < 0 or arrays["domains"].max() >= len(manifest["domains"])):
-        raise PoolFormatError(f"{base}/domains.npy has ids outside 0..{len(manifest['domains']) - 1}")
+    names = list(manifest["domains"])
+    unknown = [d for d in shard["domains"] if d not in names]
+    if unknown:
+        raise PoolFormatError(f"{base}: shard domains {unknown} are not domains of the pool {names}")
+    if n > 0 and (arrays["domains"].min() < 0 or arrays["domains"].max() >= len(shard["domains"])):
+        raise PoolFormatError(f"{base}/domains.npy has ids outside 0..{len(shard['domains']) - 1}")
+    arrays["global_domain"] = np.asarray([names.index(d) for d in shard["domains"]], dtype=np.int64)
     return arrays
+
+
+def open_split_arrays(pool_dir, manifest: dict, split: str, verify: bool = False) -> list:
+    """Open every shard of one split (see :func:`open_shard`); returns the list in shard order."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise PoolFormatError(f"pool {pool_dir} has no split {split!r}; it has {sorted(splits)}")
+    shards = split_shards(manifest, split)
+    opened = [open_shard(pool_dir, manifest, s, verify=verify) for s in shards]
+    entry = splits[split]
+    n = sum(s["num_records"] for s in shards)
+    if n != entry["num_records"]:
+        raise PoolFormatError(f"pool {pool_dir} split {split!r}: shards hold {n} records, the manifest "
+                              f"says {entry['num_records']}")
+    return opened
+
+
+# ----------------------------------------------------------------------------- replacing a pool
+
+
+def check_replaceable(out, inputs=()) -> str | None:
+    """Why ``out`` must not be replaced by a new pool, or ``None`` when it may be.
+
+    Only a pool of ours may be replaced: a directory whose manifest reads as a pool and which
+    holds exactly the files that manifest lists (a file the user put there would be lost), and
+    which holds none of the build's ``inputs`` (paths of input files or folders). A file, a
+    symbolic link, a non-pool directory (``.``, a data folder) are refused.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        return f"--out {out} is a symbolic link; pass the real directory"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"--out {out} is an existing file, not a pool directory; refusing to replace it"
+    try:
+        manifest = read_manifest(out)
+        listed = set(pool_files(manifest))
+    except (PoolFormatError, KeyError, TypeError) as e:
+        return (f"--out {out} exists and is not a ds_partitionsel pool ({str(e)[:200]}); refusing to "
+                f"replace it: choose a new --out (nothing was changed)")
+    real_out = out.resolve()
+    for item in inputs:
+        p = Path(item).resolve()
+        if p == real_out or real_out in p.parents:
+            return f"--out {out} holds the input {item}; refusing to replace it"
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_symlink() or (p.is_file() and rel not in listed) or not (p.is_file() or p.is_dir()):
+            return (f"--out {out} is a pool but also holds {rel}, which is not part of it; refusing to "
+                    f"replace it (move that file away first)")
+        if p.is_dir() and not any(f.startswith(rel + "/") for f in listed):
+            return f"--out {out} is a pool but also holds the folder {rel}; refusing to replace it"
+    return None
+
+
+def make_staging(out: Path) -> Path:
+    """A fresh hidden directory next to ``out`` (same file system, so the final rename is atomic)."""
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
+def commit_pool(staging: Path, out: Path, inputs=()) -> None:
+    """Move a finished pool into place. An existing ``out`` must pass :func:`check_replaceable`
+    (checked again here, right before it is touched); it is kept until the new pool is there."""
+    reason = check_replaceable(out, inputs)
+    if reason:
+        raise PoolFormatError(reason)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rmdir(backup)
+        os.rename(out, backup)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        shutil.rmtree(backup)
+    else:
+        os.rename(staging, out)

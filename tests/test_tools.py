@@ -71,15 +71,17 @@ def mpiexec(n: int, cmd: list) -> subprocess.CompletedProcess:
 def test_mpi_builds_are_byte_identical(corpus):
     root = corpus["root"]
     single = root / "pool_np1_plain"
-    assert build(corpus["tok"], corpus["train"], single, valid=[corpus["valid"]], max_length=48) == 0
+    shards = ("--shard-docs", "16")  # 75 train records: 5 shards, spread over the ranks
+    assert build(corpus["tok"], corpus["train"], single, *shards, valid=[corpus["valid"]], max_length=48) == 0
     trees = {"python": tree_bytes(single)}
     for n in (1, 2, 3):
         out = root / f"pool_mpi{n}"
-        proc = mpiexec(n, build_cmd(corpus, out))
+        proc = mpiexec(n, build_cmd(corpus, out, *shards))
         assert proc.returncode == 0, proc.stderr[-3000:]
         trees[f"mpiexec -n {n}"] = tree_bytes(out)
     ref = trees["python"]
-    assert set(ref) == {"manifest.json"} | {f"{s}/{f}" for s in ("train", "valid") for f in pf.ARRAY_FILES}
+    assert set(ref) == {"manifest.json"} | {f"train/shard-{k:05d}/{f}" for k in range(5) for f in pf.ARRAY_FILES} \
+        | {f"valid/{f}" for f in pf.ARRAY_FILES}
     for name, tree in trees.items():
         assert tree == ref, f"{name} differs from the one-process build"
     # and the content is right: every source record, in order (none dropped at this length)
