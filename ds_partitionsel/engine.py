@@ -19,8 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ds_partitionsel.budgets import allocate_budgets
-from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.config import ConfigError, PartitionSelConfig, check_pool_fit, train_batch_size
 from ds_partitionsel.metrics import conflicting_pairs
+from ds_partitionsel.runs import (check_resume, open_metrics_log, read_resume_record, resume_record,
+                                  write_resume_record)
 from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
 
@@ -32,8 +34,13 @@ CLIENT_STATE_KEY = "partitionsel"
 def _split_config(config):
     """DeepSpeed config (dict or JSON path) -> (deepspeed dict without our block, our block)."""
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as fh:
-            config = json.load(fh)
+        try:
+            with open(config) as fh:
+                config = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"DeepSpeed config {str(config)!r} not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {str(config)!r} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a dict or a path to a DeepSpeed JSON file, got {type(config).__name__}")
     ds_config = copy.deepcopy(config)
@@ -43,7 +50,7 @@ def _split_config(config):
 
 def initialize(model, config, pool, valid_pool, *, optimizer=None, model_parameters=None,
                lr_scheduler=None, pad_token_id: Optional[int] = None, tokenizer=None,
-               output_dir: Optional[str] = None, args=None, **deepspeed_kwargs):
+               output_dir: Optional[str] = None, resume: bool = False, args=None, **deepspeed_kwargs):
     """Like ``deepspeed.initialize``, plus the candidate pool and the validation split.
 
     Parameters
@@ -54,7 +61,12 @@ def initialize(model, config, pool, valid_pool, *, optimizer=None, model_paramet
     pool : ``CandidatePool`` of the training split. valid_pool : ``CandidatePool`` held out.
     optimizer, model_parameters, lr_scheduler, args : passed to ``deepspeed.initialize``.
     pad_token_id : padding id; taken from ``tokenizer.pad_token_id`` when not given.
-    output_dir : where rank 0 writes ``metrics.jsonl`` (None: no JSONL log).
+    output_dir : where rank 0 writes ``metrics.jsonl`` (None: no JSONL log). A directory whose
+        log already holds records is refused unless ``resume`` (see :mod:`ds_partitionsel.runs`).
+    resume : this run continues a checkpoint (``load_checkpoint`` next): continue its log.
+
+    Every config error (the ``"partitionsel"`` block, the batch and pool sizes) is raised here,
+    before DeepSpeed builds an engine.
 
     Returns
     -------
@@ -70,12 +82,17 @@ def initialize(model, config, pool, valid_pool, *, optimizer=None, model_paramet
         raise ConfigError("no pad token id: the tokenizer has no pad_token; set tokenizer.pad_token "
                           "(e.g. to its eos token) or pass pad_token_id=")
     _check_pools(pool, valid_pool, cfg)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    batch_size = train_batch_size(ds_config, world)
+    if batch_size is not None:
+        check_pool_fit(cfg, batch_size, world, len(pool))
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         lr_scheduler=lr_scheduler, config=ds_config, **deepspeed_kwargs)
-    wrapped = PartitionSelEngine(engine, cfg, pool, valid_pool, pad_token_id, output_dir=output_dir)
+    wrapped = PartitionSelEngine(engine, cfg, pool, valid_pool, pad_token_id, output_dir=output_dir,
+                                 resume=resume)
     return wrapped, optimizer, None, lr_scheduler
 
 
@@ -107,7 +124,7 @@ class PartitionSelEngine:
     """
 
     def __init__(self, engine, cfg: PartitionSelConfig, pool, valid_pool, pad_token_id: int,
-                 output_dir: Optional[str] = None):
+                 output_dir: Optional[str] = None, resume: bool = False):
         from ds_partitionsel.sketch import GradientSketcher
 
         self.engine, self.cfg, self.pool, self.valid_pool = engine, cfg, pool, valid_pool
@@ -139,9 +156,8 @@ class PartitionSelEngine:
         self._target, self._target_key = None, None
         self.output_dir = output_dir
         self._log = None
-        if output_dir and self.rank == 0:
-            os.makedirs(output_dir, exist_ok=True)
-            self._log = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if output_dir and self.rank == 0:  # owned by this run: never shared (runs.open_metrics_log)
+            self._log = open_metrics_log(output_dir, resume=resume)
         self.device = next(iter(engine.module.parameters())).device
 
     def __getattr__(self, name):
@@ -375,12 +391,29 @@ class PartitionSelEngine:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, **kwargs):
+        """DeepSpeed's checkpoint plus what a resume must match (:func:`ds_partitionsel.runs.resume_record`),
+        in the client state and as ``<save_dir>/<tag>/partitionsel_resume.json``."""
+        record = resume_record(self)
         state = dict(client_state or {})
-        state[CLIENT_STATE_KEY] = {"global_step": self.global_step, "config": self.cfg.to_dict(),
-                                   "pool_records": len(self.pool)}
-        return self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+        state[CLIENT_STATE_KEY] = record
+        tag = f"global_step{self.engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
+        out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+        if self.rank == 0:  # a rank that resumes before this file exists checks the client state instead
+            write_resume_record(os.path.join(save_dir, str(tag)), record)
+        return out
 
-    def load_checkpoint(self, load_dir, tag=None, **kwargs):
+    def load_checkpoint(self, load_dir, tag=None, allow_changes: bool = False, **kwargs):
+        """Resume from a checkpoint of the same pool and selection config.
+
+        The checkpoint's JSON record is compared before DeepSpeed loads anything; a different
+        pool (by fingerprint) or selection config raises :class:`~ds_partitionsel.runs.ResumeMismatchError`
+        naming every difference, unless ``allow_changes`` (then they are logged). Checkpoints
+        are pickles: load only checkpoints from a trusted source.
+        """
+        current = resume_record(self)
+        early = read_resume_record(load_dir, tag)
+        if early is not None:
+            check_resume(early, current, load_dir, allow_changes)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {load_dir} (tag {tag!r})")
@@ -388,8 +421,8 @@ class PartitionSelEngine:
         if state is None:
             raise ValueError(f"checkpoint {path} has no '{CLIENT_STATE_KEY}' client state: it was not "
                              f"saved by a PartitionSelEngine")
-        if state["pool_records"] != len(self.pool):
-            raise ValueError(f"checkpoint was trained on a pool of {state['pool_records']} records, this "
-                             f"pool has {len(self.pool)}: the per-step pools would differ")
+        diffs = check_resume(state, current, path, allow_changes)
+        if diffs:
+            logger.warning("resuming %s with changes (allowed): %s", path, "; ".join(diffs))
         self.global_step = int(state["global_step"])
         return path, client_state
