@@ -387,3 +387,37 @@ def test_single_process_without_process_group_is_world_of_one():
         distributed.select("partitionsel", feats, domains, target, budgets, mode="ring")
     with pytest.raises(ValueError, match="timeout"):
         distributed.select("partitionsel", feats, domains, target, budgets, timeout=0)
+
+
+# ----------------------------------------------------------------------- one collectives layer
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+               "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single",
+               "barrier", "send", "recv", "isend", "irecv", "monitored_barrier"}
+
+
+def test_only_the_collectives_layer_calls_torch_distributed_collectives():
+    """Every collective goes through ``ds_partitionsel.collectives`` (device-aware, bounded by a
+    timeout, errors naming the step, bytes counted): no other module of the package, launcher
+    or tool calls one of ``torch.distributed`` / ``deepspeed.comm`` directly."""
+    import ast
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders, scanned = [], 0
+    for folder in ("ds_partitionsel", "launch", "tools"):
+        for root, _, files in os.walk(os.path.join(repo, folder)):
+            for name in files:
+                path = os.path.join(root, name)
+                if not name.endswith(".py") or path.endswith(os.path.join("ds_partitionsel", "collectives.py")):
+                    continue
+                scanned += 1
+                tree = ast.parse(open(path).read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                            and node.func.attr in COLLECTIVES and isinstance(node.func.value, (ast.Name, ast.Attribute)):
+                        owner = ast.unparse(node.func.value)
+                        if owner in ("dist", "torch.distributed", "deepspeed.comm", "comm_module"):
+                            offenders.append(f"{os.path.relpath(path, repo)}:{node.lineno} {owner}.{node.func.attr}")
+    assert scanned > 20
+    assert not offenders, "direct collectives outside ds_partitionsel/collectives.py:\n" + "\n".join(offenders)

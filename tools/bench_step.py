@@ -46,6 +46,7 @@ def worker(args):
     import transformers
     from tqdm import tqdm
 
+    from ds_partitionsel.collectives import Communicator
     from ds_partitionsel.data import CandidatePool
     from ds_partitionsel.engine import initialize
     from ds_partitionsel.launch_env import init_distributed
@@ -84,7 +85,7 @@ def worker(args):
             pool_ids = engine.sampler.pool(step)
             lo, hi = shard_bounds(engine.pool_size, engine.world)[engine.rank]
             ids = pool_ids[lo:hi].tolist()
-            torch.distributed.barrier()
+            Communicator(context="bench_step").barrier("barrier")
             t0 = time.perf_counter()
             with torch.no_grad():
                 engine.module.eval()
@@ -92,7 +93,7 @@ def worker(args):
                     b = pool.collate(ids[s:s + args.sketch_batch], engine.pad_token_id)
                     engine.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                 engine.module.train()
-            torch.distributed.barrier()
+            Communicator(context="bench_step").barrier("barrier")
             t_fwd = time.perf_counter() - t0
             if step >= args.warmup:
                 steps.append(rec["time_s"])
@@ -105,7 +106,7 @@ def worker(args):
     if rank == 0:
         with open(args.out + ".raw", "w") as fh:
             json.dump(results, fh)
-    torch.distributed.barrier()
+    Communicator(context="bench_step").barrier("barrier")
 
 
 def report(args):
