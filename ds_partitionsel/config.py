@@ -9,14 +9,24 @@ Example (every key optional; defaults follow the paper)::
         "sketch": {"modules": 3, "mode": "exact", "dim": null, "micro_batch": 8},
         "validation": {"anchors": 8, "refresh_interval": 1},
         "mode": "auto", "rule": "greedy", "use_weights": false,
-        "seed": 1234, "log_interval": 1, "eval_interval": 0
+        "seed": 1234, "log_interval": 1, "eval_interval": 0, "timeout_s": 600
     }
 
-Unknown keys are rejected with the list of valid ones, at any level.
+The block is a tree of pydantic models (as DeepSpeed validates its own blocks), in strict mode:
+a value must already have its JSON type (``"use_weights": "false"`` is refused, not truthy), unknown
+keys are rejected with the list of valid ones at any level, and every error is a
+:class:`ConfigError` whose message names the key, the value given and what is valid. Command-line
+overrides go through :func:`apply_override`, which parses ``KEY=VALUE`` text with the type of
+that key, so ``use_weights=False`` is the boolean ``False``.
 """
-import dataclasses
-from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, List, Literal, Optional, Tuple, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ds_partitionsel.budgets import STRATEGIES
 from ds_partitionsel.selection import METHODS
@@ -24,116 +34,386 @@ from ds_partitionsel.solver import RULES
 
 SELECTION_MODES = ("auto", "replicated", "sharded")
 SKETCH_MODES = ("exact", "kron")
+MAX_SEED = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
+
+# Keys that change what a run selects and trains on. A resume refuses a checkpoint whose values
+# differ (see config_differences); the others only change logging, evaluation or timeouts.
+RESUME_FREE_KEYS = ("log_interval", "eval_interval", "eval_samples", "timeout_s")
 
 
 class ConfigError(ValueError):
     """A bad ``"partitionsel"`` block; the message names the key and the fix."""
 
 
-@dataclass
-class BudgetConfig:
-    strategy: str = "proportional"
-    fractions: Optional[List[float]] = None
-    minority_domains: Optional[List[str]] = None  # domain names
+def _expects(text: str, **extra) -> Any:
+    """Field metadata: ``text`` completes "KEY must be ..." in error messages."""
+    return {"expects": text, **extra}
 
 
-@dataclass
-class SketchConfig:
-    modules: Union[int, str, List[str]] = 3  # last N blocks, "all_linear", names or a regex
-    mode: str = "exact"
-    kron_dims: Union[int, List[int]] = 32
-    dim: Optional[int] = None
+class _Block(BaseModel):
+    """Common settings: strict JSON types, unknown keys rejected, immutable after validation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=False)
+
+
+class BudgetConfig(_Block):
+    """How the batch of k is split over domains (see :func:`ds_partitionsel.budgets.allocate_budgets`)."""
+
+    strategy: Literal[STRATEGIES] = "proportional"
+    fractions: Optional[List[float]] = Field(
+        None, json_schema_extra=_expects("null or a list of numbers >= 0, one per domain in the pool's "
+                                         "domain order, not all 0"))
+    minority_domains: Optional[List[str]] = Field(
+        None, json_schema_extra=_expects('null or a list of domain names, e.g. ["code"]'))
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if v is not None and (not v or any(not math.isfinite(f) or f < 0 for f in v) or sum(v) <= 0):
+            raise PydanticCustomError("partitionsel", "bad fractions")
+        return v
+
+    @field_validator("minority_domains")
+    @classmethod
+    def _minority(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v) or any(not d for d in v)):
+            raise PydanticCustomError("partitionsel", "bad domain list")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.strategy == "fractions" and self.fractions is None:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.budget.strategy 'fractions' needs partitionsel.budget.fractions, "
+                                "one number per domain in the pool's domain order")
+        if self.strategy == "minority_full" and self.minority_domains is None:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.budget.strategy 'minority_full' needs "
+                                "partitionsel.budget.minority_domains, a list of domain names")
+        return self
+
+
+class SketchConfig(_Block):
+    """Which linears are sketched and how (see :class:`ds_partitionsel.sketch.GradientSketcher`)."""
+
+    modules: Union[int, str, List[str]] = Field(
+        3, json_schema_extra=_expects("a positive int (the last N blocks), \"all_linear\", \"lora\", "
+                                      "a regex or a non-empty list of module names"))
+    mode: Literal[SKETCH_MODES] = "exact"
+    kron_dims: Union[int, List[int]] = Field(
+        32, json_schema_extra=_expects("a positive int or a pair [k_in, k_out] of positive ints"))
+    dim: Optional[int] = Field(None, json_schema_extra=_expects("null or a positive integer"))
     normalize: bool = True
-    micro_batch: int = 8  # sequences per sketch forward/backward
+    micro_batch: int = Field(8, json_schema_extra=_expects("a positive integer (sequences per sketch "
+                                                            "forward/backward)"))
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, v):
+        if (isinstance(v, int) and v <= 0) or (isinstance(v, str) and not v) or (isinstance(v, list) and not v):
+            raise PydanticCustomError("partitionsel", "bad modules")
+        return v
+
+    @field_validator("kron_dims")
+    @classmethod
+    def _kron(cls, v):
+        dims = [v] if isinstance(v, int) else v
+        if len(dims) not in ((1,) if isinstance(v, int) else (2,)) or any(d <= 0 for d in dims):
+            raise PydanticCustomError("partitionsel", "bad kron_dims")
+        return v
+
+    @field_validator("dim", "micro_batch")
+    @classmethod
+    def _positive(cls, v):
+        return _positive(v)
 
 
-@dataclass
-class ValidationConfig:
-    anchors: int = 8  # validation sequences averaged into the target gradient
-    refresh_interval: int = 1  # steps between new anchor draws
+class ValidationConfig(_Block):
+    """The held-out anchors whose mean sketch is the selection target."""
+
+    anchors: int = Field(8, json_schema_extra=_expects("a positive integer (validation sequences averaged "
+                                                        "into the target gradient)"))
+    refresh_interval: int = Field(1, json_schema_extra=_expects("a positive integer (steps between new "
+                                                                 "anchor draws)"))
+
+    @field_validator("anchors", "refresh_interval")
+    @classmethod
+    def _positive(cls, v):
+        return _positive(v)
 
 
-@dataclass
-class PartitionSelConfig:
-    method: str = "partitionsel"
-    pool_factor: int = 8
-    pool_size: Optional[int] = None  # overrides pool_factor
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    sketch: SketchConfig = field(default_factory=SketchConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    mode: str = "auto"
-    rule: str = "greedy"
+class PartitionSelConfig(_Block):
+    """The whole ``"partitionsel"`` block. Build it with :meth:`from_dict`."""
+
+    method: Literal[METHODS] = "partitionsel"
+    pool_factor: int = Field(8, json_schema_extra=_expects("a positive integer (pool = pool_factor x "
+                                                            "train_batch_size)"))
+    pool_size: Optional[int] = Field(None, json_schema_extra=_expects("null or a positive integer "
+                                                                       "(overrides pool_factor)"))
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    sketch: SketchConfig = Field(default_factory=SketchConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    mode: Literal[SELECTION_MODES] = "auto"
+    rule: Literal[RULES] = "greedy"
     nonneg: bool = True
-    ridge: float = 0.0
+    ridge: float = Field(0.0, json_schema_extra=_expects("a finite number >= 0"))
     use_weights: bool = False
-    seed: int = 1234
-    log_interval: int = 1
-    eval_interval: int = 0  # 0: no periodic held-out evaluation
-    eval_samples: int = 0  # 0: the whole validation split
-    timeout_s: float = 600.0  # collectives of the selection step
+    seed: int = Field(1234, json_schema_extra=_expects(f"an integer in 0..{MAX_SEED}"))
+    log_interval: int = Field(1, json_schema_extra=_expects("a positive integer (steps between "
+                                                             "conflicting-pair measurements)"))
+    eval_interval: int = Field(0, json_schema_extra=_expects("an integer >= 0 (0: no periodic held-out "
+                                                              "evaluation)"))
+    eval_samples: int = Field(0, json_schema_extra=_expects("an integer >= 0 (0: the whole validation split)"))
+    timeout_s: float = Field(600.0, json_schema_extra=_expects(
+        "a finite number of seconds > 0 (how long any collective of training or selection waits "
+        "for the other ranks)"))
+
+    @field_validator("pool_factor", "pool_size", "log_interval")
+    @classmethod
+    def _positive(cls, v):
+        return _positive(v)
+
+    @field_validator("eval_interval", "eval_samples")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise PydanticCustomError("partitionsel", "negative")
+        return v
+
+    @field_validator("ridge")
+    @classmethod
+    def _ridge(cls, v):
+        if not math.isfinite(v) or v < 0:
+            raise PydanticCustomError("partitionsel", "bad ridge")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if not 0 <= v <= MAX_SEED:
+            raise PydanticCustomError("partitionsel", "bad seed")
+        return v
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout(cls, v):
+        if not math.isfinite(v) or v <= 0:
+            raise PydanticCustomError("partitionsel", "bad timeout")
+        return v
 
     @classmethod
     def from_dict(cls, block: Optional[dict]) -> "PartitionSelConfig":
-        cfg = _build(cls, block or {}, "partitionsel")
-        cfg.validate()
-        return cfg
+        """Validate a ``"partitionsel"`` block (``None``: all defaults); raises :class:`ConfigError`."""
+        block = {} if block is None else block
+        if not isinstance(block, dict):
+            raise ConfigError(f"partitionsel must be a JSON object, got {type(block).__name__} {block!r}")
+        try:
+            return cls.model_validate(block)
+        except ValidationError as e:
+            raise ConfigError(_message(e, block)) from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        _one_of("partitionsel.method", self.method, METHODS)
-        _one_of("partitionsel.mode", self.mode, SELECTION_MODES)
-        _one_of("partitionsel.rule", self.rule, RULES)
-        _one_of("partitionsel.budget.strategy", self.budget.strategy, STRATEGIES)
-        _one_of("partitionsel.sketch.mode", self.sketch.mode, SKETCH_MODES)
-        for name, value in [("pool_factor", self.pool_factor), ("validation.anchors", self.validation.anchors),
-                            ("validation.refresh_interval", self.validation.refresh_interval),
-                            ("sketch.micro_batch", self.sketch.micro_batch), ("log_interval", self.log_interval)]:
-            _positive_int(f"partitionsel.{name}", value)
-        if self.pool_size is not None:
-            _positive_int("partitionsel.pool_size", self.pool_size)
-        if self.sketch.dim is not None:
-            _positive_int("partitionsel.sketch.dim", self.sketch.dim)
-        for name, value in [("eval_interval", self.eval_interval), ("eval_samples", self.eval_samples)]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"partitionsel.{name} must be an int >= 0, got {value!r}")
-        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
-            raise ConfigError(f"partitionsel.ridge must be a number >= 0, got {self.ridge!r}")
-        if self.budget.strategy == "fractions" and not self.budget.fractions:
-            raise ConfigError("partitionsel.budget.strategy 'fractions' needs partitionsel.budget.fractions, "
-                              "one number per domain in the pool's domain order")
-        if self.budget.strategy == "minority_full" and not self.budget.minority_domains:
-            raise ConfigError("partitionsel.budget.strategy 'minority_full' needs "
-                              "partitionsel.budget.minority_domains, a list of domain names")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"partitionsel.timeout_s must be > 0, got {self.timeout_s!r}")
+        """Plain JSON-able dict; ``from_dict(cfg.to_dict()) == cfg``."""
+        return self.model_dump()
 
 
-def _build(cls, block, where):
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(block).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(block) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
-                          f"valid keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in block.items():
-        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        sub = default() if default is not None else None
-        if dataclasses.is_dataclass(sub):
-            kwargs[name] = _build(type(sub), value, f"{where}.{name}")
+def _positive(v):
+    if v is not None and v <= 0:
+        raise PydanticCustomError("partitionsel", "not positive")
+    return v
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _field_of(loc: tuple) -> Tuple[type, List[str]]:
+    """Walk ``loc`` through the nested blocks: (the block holding the last field, its key path).
+
+    The walk stops at the first part that is not a field name (a list index, a union branch).
+    """
+    block, holder, path = PartitionSelConfig, PartitionSelConfig, []
+    for part in loc:
+        if block is None or not isinstance(part, str) or part not in block.model_fields:
+            break
+        path.append(part)
+        holder = block
+        sub = block.model_fields[part].annotation
+        block = sub if isinstance(sub, type) and issubclass(sub, _Block) else None
+    return holder, path
+
+
+def _block_at(path) -> type:
+    block = PartitionSelConfig
+    for part in path:
+        block = block.model_fields[part].annotation
+    return block
+
+
+def _lookup(block, path):
+    node = block
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _expectation(model: type, name: str) -> str:
+    info = model.model_fields[name]
+    annotation = info.annotation
+    if get_origin(annotation) is Literal:
+        return "one of: " + ", ".join(get_args(annotation))
+    if annotation is bool:
+        return "true or false (a JSON boolean, not a string)"
+    return (info.json_schema_extra or {}).get("expects", str(annotation))
+
+
+def _message(error: ValidationError, block: dict) -> str:
+    """One line per bad key: ``partitionsel.KEY must be WHAT, got VALUE`` (or the unknown keys)."""
+    lines, seen = [], set()
+    for err in error.errors(include_url=False):
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            path = [str(p) for p in loc[:-1]]
+            model = _block_at(path)
+            where = ".".join(["partitionsel", *path])
+            unknown = [e["loc"][-1] for e in error.errors(include_url=False)
+                       if e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) == tuple(loc[:-1])]
+            line = (f"unknown key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
+                    f"valid keys: {', '.join(model.model_fields)}")
+        elif err["type"] == "partitionsel_rule":
+            line = err["msg"]  # a rule across keys, with its own message
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            model, path = _field_of(loc)
+            if not path:
+                line = f"partitionsel: {err['msg']}"
+            else:
+                key = ".".join(["partitionsel", *path])
+                value = _lookup(block, path)
+                sub = model.model_fields[path[-1]].annotation
+                if isinstance(sub, type) and issubclass(sub, _Block):
+                    line = f"{key} must be a JSON object, got {type(value).__name__} {value!r}"
+                elif get_origin(model.model_fields[path[-1]].annotation) is Literal:
+                    line = f"{key} = {value!r} is not valid; choose {_expectation(model, path[-1])}"
+                else:
+                    line = f"{key} must be {_expectation(model, path[-1])}, got {value!r}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "; ".join(lines)
 
 
-def _one_of(name, value, valid):
-    if value not in valid:
-        raise ConfigError(f"{name} = {value!r} is not valid; choose one of: {', '.join(valid)}")
+# ----------------------------------------------------------------------------- overrides
 
 
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def _leaf_annotation(path: List[str]):
+    model = PartitionSelConfig
+    for i, key in enumerate(path):
+        if key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        if i == len(path) - 1:
+            return annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, _Block)):
+            return None
+        model = annotation
+    return None
+
+
+def parse_override(key: str, text: str) -> Any:
+    """The value of ``--set KEY=TEXT``: JSON when it parses, else read with KEY's type.
+
+    ``True``/``False`` (any case) are booleans for a boolean key; other non-JSON text is a
+    string. The result is validated with the whole block, so a wrong type still fails there.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    annotation = _leaf_annotation(key.split("."))
+    if annotation is bool and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    return text
+
+
+def apply_override(block: dict, item: str) -> None:
+    """Apply one ``KEY=VALUE`` (dotted KEY, e.g. ``sketch.mode=kron``) to a ``partitionsel`` dict."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. --set pool_factor=4), got {item!r}")
+    node = block
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: partitionsel.{'.'.join(parents[:i + 1])} is {child!r}, "
+                              f"not a block with keys")
+        node = child
+    node[leaf] = parse_override(key, text)
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUME_FREE_KEYS) -> List[str]:
+    """``["seed: 7 -> 8", ...]``: the keys (dotted) whose values differ, ``ignore`` left out."""
+    out = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            name = f"{prefix}{k}"
+            if name in ignore:
+                continue
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, name + ".")
+            elif x != y:
+                out.append(f"{name}: {x!r} -> {y!r}")
+
+    walk(saved, current, "")
+    return out
+
+
+# ----------------------------------------------------------------------------- batch and pool
+
+
+def train_batch_size(ds_config: dict, world: int) -> Optional[int]:
+    """The global batch k that DeepSpeed will derive from ``ds_config`` on ``world`` ranks.
+
+    ``train_batch_size`` when given, else ``train_micro_batch_size_per_gpu x
+    gradient_accumulation_steps (default 1) x world``; ``None`` when neither is set (DeepSpeed
+    then reports the error itself). Raises :class:`ConfigError` on values that are not positive
+    integers or that disagree.
+    """
+    given = {}
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds_config.get(key)
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        given[key] = value
+    micro, accum = given.get("train_micro_batch_size_per_gpu"), given.get("gradient_accumulation_steps")
+    if "train_batch_size" in given:
+        k = given["train_batch_size"]
+        if micro is not None and accum is not None and k != micro * accum * world:
+            raise ConfigError(f"train_batch_size {k} != train_micro_batch_size_per_gpu {micro} x "
+                              f"gradient_accumulation_steps {accum} x {world} rank(s)")
+        return k
+    return None if micro is None else micro * (accum or 1) * world
+
+
+def check_pool_fit(cfg: PartitionSelConfig, batch_size: int, world: int, num_records: int) -> int:
+    """The per-step pool size for a batch of ``batch_size`` over ``world`` ranks; ConfigError if
+    it cannot work (smaller than the batch, uneven over ranks, larger than the training split)."""
+    pool_size = batch_size if cfg.method == "full" else (cfg.pool_size or cfg.pool_factor * batch_size)
+    if batch_size % world:
+        raise ConfigError(f"the batch of {batch_size} does not split evenly over {world} ranks")
+    if pool_size < batch_size:
+        raise ConfigError(f"pool of {pool_size} candidates is smaller than the batch of {batch_size}; "
+                          f"raise partitionsel.pool_size / pool_factor")
+    if pool_size % world:
+        raise ConfigError(f"pool size {pool_size} must divide evenly over {world} ranks (every rank "
+                          f"sketches the same number of candidates in lockstep)")
+    if num_records < pool_size:
+        raise ConfigError(f"the training split holds {num_records} records, fewer than one pool of "
+                          f"{pool_size}; lower pool_factor / the batch size or add data")
+    return pool_size

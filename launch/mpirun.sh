@@ -4,6 +4,8 @@
 # never the address MPI discovery would pick.
 #   NP=2 bash launch/mpirun.sh [train.py args...]
 #   NP=16 HOSTS=node0:8,node1:8 MASTER_ADDR=node0 bash launch/mpirun.sh ...
+# Runs under launch/supervise.py: SIGINT/SIGTERM to this script reach every local rank, and no
+# local rank outlives mpirun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-2}
@@ -12,7 +14,7 @@ MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind
 ARGS=("$@")
 if [ ${#ARGS[@]} -eq 0 ]; then
     ARGS=(--model .cache/models/smollm2-135m --num-layers 4 --pool .cache/pools/demo
-          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/mpirun)
+          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/mpirun-$(date +%Y%m%d-%H%M%S))
 fi
 MPI_ARGS=(-n "$NP")
 if mpirun --version 2>&1 | grep -qi "open mpi"; then
@@ -28,4 +30,4 @@ else  # MPICH / hydra
     MPI_ARGS+=(-genv OMP_NUM_THREADS 1 -genv MASTER_ADDR "$MASTER_ADDR" -genv MASTER_PORT "$MASTER_PORT")
     [ -n "${HOSTS:-}" ] && MPI_ARGS+=(-hosts "$HOSTS")
 fi
-exec mpirun "${MPI_ARGS[@]}" python launch/train.py "${ARGS[@]}"
+exec python launch/supervise.py mpirun "${MPI_ARGS[@]}" python launch/train.py "${ARGS[@]}"

@@ -3,6 +3,8 @@
 #   single node:   NUM_GPUS=2 bash launch/run_local.sh [train.py args...]
 #   multi node:    HOSTFILE=hostfile MASTER_ADDR=node0 bash launch/run_local.sh [...]
 # Defaults: the demo pool and model of tools/fetch_demo_data.py, ZeRO-2.
+# Runs under launch/supervise.py: SIGINT/SIGTERM to this script reach every rank, and no rank
+# outlives the deepspeed runner (which itself does not pass signals on to its ranks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_GPUS=${NUM_GPUS:-2}
@@ -12,11 +14,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank: the launch
 ARGS=("$@")
 if [ ${#ARGS[@]} -eq 0 ]; then
     ARGS=(--model .cache/models/smollm2-135m --num-layers 4 --pool .cache/pools/demo
-          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/local)
+          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/local-$(date +%Y%m%d-%H%M%S))
 fi
 if [ -n "${HOSTFILE:-}" ]; then
-    exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    exec python launch/supervise.py deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         launch/train.py "${ARGS[@]}"
 fi
-exec deepspeed --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+exec python launch/supervise.py deepspeed --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     launch/train.py "${ARGS[@]}"

