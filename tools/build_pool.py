@@ -677,6 +677,10 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
     else:
         names = found
     per_split = {split: pf.merge_per_domain(e.pop("per_domain") for e in s["shards"]) for split, s in splits.items()}
+    if plan.mode == "text":
+        problem = check_pretraining_splits(plan, per_split)
+        if problem:
+            return problem
     for split, s in splits.items():
         if not sum(e["num_records"] for e in s["shards"]):
             srcs = [src.path for src in plan.groups[s["group"]]["sources"]]
@@ -684,10 +688,6 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
                 return (f"split {split!r} has no window of --pack {plan.pack} tokens: its documents hold fewer "
                         f"tokens than one window (inputs: {srcs}); lower --pack or add text")
             return f"split {split!r} has no usable records (inputs: {srcs})"
-    if plan.mode == "text":
-        problem = check_pretraining_splits(plan, per_split)
-        if problem:
-            return problem
 
     manifest = {
         "format": pf.FORMAT_NAME, "format_version": pf.FORMAT_VERSION,
