@@ -8,7 +8,10 @@
    features); CPU-sized in batch (4), pool (32) and steps;
 4. plot the run (tools/analyze_run.py) and print the summary.
 
-    python launch/demo.py [--steps 8] [--method partitionsel] [--out runs/demo]
+    python launch/demo.py [--steps 8] [--method partitionsel] [--out runs/demo] [--cache .cache]
+
+Everything it fetches or builds goes under ``--cache`` (default ``.cache/``), created as needed:
+a fresh clone runs it as it is.
 """
 import argparse
 import json
@@ -39,15 +42,20 @@ def main():
     ap.add_argument("--config", default="ds_configs/zero2_lora.json")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--cache", default=".cache", help="where data, model and pool go (created if missing)")
+    ap.add_argument("--num-layers", type=int, default=0,
+                    help="keep the first N blocks of SmolLM2 (0: the whole model); a quick check")
     args = ap.parse_args()
 
-    model = os.path.join(".cache", "models", "smollm2-135m")
-    pool = os.path.join(".cache", "pools", f"demo{args.max_length}")
-    run([sys.executable, "tools/fetch_demo_data.py"])
-    if not os.path.exists(os.path.join(REPO, pool, "manifest.json")):
-        os.makedirs(os.path.join(REPO, os.path.dirname(pool)), exist_ok=True)  # fresh clone: no .cache/pools
+    cache = os.path.join(REPO, args.cache)
+    model = os.path.join(cache, "models", "smollm2-135m")
+    data = os.path.join(cache, "demo_data")
+    pool = os.path.join(cache, "pools", f"demo{args.max_length}")
+    run([sys.executable, "tools/fetch_demo_data.py", "--cache", cache])
+    if not os.path.exists(os.path.join(pool, "manifest.json")):
+        os.makedirs(os.path.dirname(pool), exist_ok=True)  # fresh clone: no .cache/pools yet
         run([sys.executable, "tools/build_pool.py", "--tokenizer", model,
-             "--train", ".cache/demo_data/train.jsonl", "--valid", ".cache/demo_data/valid.jsonl",
+             "--train", os.path.join(data, "train.jsonl"), "--valid", os.path.join(data, "valid.jsonl"),
              "--max-length", str(args.max_length), "--out", pool])
     out = os.path.join(REPO, args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -55,6 +63,7 @@ def main():
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), "launch/train.py", "--model", model,
+         *(["--num-layers", str(args.num_layers)] if args.num_layers else []),
          "--lora", "--pool", pool, "--deepspeed_config", args.config,
          "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=3",
          "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
