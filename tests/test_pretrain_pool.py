@@ -440,3 +440,11 @@ def test_train_py_trains_two_ranks_on_a_packed_pool(corpus, tmp_path):
     assert all(sum(r["domain_counts"].values()) == 4 for r in steps)
     assert set(summary["eval_loss"]) == {"code", "math", "molecules", "mean"}
     assert summary["eval_loss"]["mean"] < summary["eval_loss_start"]["mean"]  # it learned from the windows
+
+
+def test_megatron_without_megatron_core_names_the_extra(corpus, megatron, tmp_path, capsys, monkeypatch):
+    for name in ("megatron", "megatron.core", "megatron.core.datasets", "megatron.core.datasets.indexed_dataset"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if megatron-core were not installed
+    out = tmp_path / "p"
+    assert_refused(run(corpus, out, "--megatron", f"code={megatron['code']}", "--pack", S), capsys,
+                   "pip install 'ds_partitionsel[megatron]'", out)

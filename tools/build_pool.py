@@ -63,7 +63,7 @@ from ds_partitionsel import pool_format as pf
 EXIT_OK, EXIT_BUILD_ERROR = 0, 1
 LINE_INDEX_STRIDE = 1024  # a jsonl source remembers the byte offset of every 1024th line
 TEXT_BATCH_CHARS = 1 << 20  # texts handed to the tokenizer per batch call (about 1 MB)
-MEGATRON_EXTRA = "pip install ds_partitionsel[megatron]   (megatron-core==0.16.1)"
+MEGATRON_EXTRA = "pip install 'ds_partitionsel[megatron]'"
 
 
 class BadRecord(ValueError):
@@ -188,13 +188,14 @@ def open_source(path: str) -> Source:
 
 
 def _indexed_dataset_module():
+    from ds_partitionsel.extras import require
+
     try:
         with warnings.catch_warnings():  # megatron-core warns about optional GPU packages on import
             warnings.simplefilter("ignore")
-            from megatron.core.datasets import indexed_dataset
+            return require("megatron.core.datasets.indexed_dataset", "--megatron (Megatron indexed datasets)")
     except ImportError as e:
-        raise ValueError(f"--megatron needs megatron-core, which is not installed ({e}): {MEGATRON_EXTRA}") from e
-    return indexed_dataset
+        raise ValueError(str(e)) from e
 
 
 def open_megatron(spec: str, vocab_size: int) -> Source:

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Benchmark tools/build_pool.py on pretraining text against the tokenizer it is built on.
+
+For each corpus size (``--sizes-mb``, default 100 and 1000 MB of jsonl) the same run measures:
+
+- ``tokenizer``: the limit, the raw batched fast-tokenizer call on the corpus's own text
+  (``backend.encode_batch_fast`` on 1 MB batches, ids fetched; its first ``--baseline-mb`` MB),
+  in tokens per second on one core;
+- ``build``: ``build_pool.py --text-field text --pack 256 --valid-fraction 0.05`` on the whole
+  corpus (one worker, or ``mpiexec -n W`` with ``--workers W``): tokens per second per worker
+  (tokens = what the tokenizer produced, EOS excluded; time = the whole command, start-up,
+  input hashing and writing included) and the peak resident memory of the build process (the
+  largest rank under mpiexec);
+
+and reports, side by side, build / tokenizer throughput (target >= 0.70) and the peak RSS of
+the largest corpus over the smallest (target <= 1.2: memory must not grow with the corpus).
+
+The corpus is real text repeated: the demo data's records (math, molecules, code; as plain text,
+python tools/fetch_demo_data.py) and the Python standard library's own .py files (code), cycled
+until the size is reached. Prints a table, writes JSON (``--out``).
+
+    python tools/bench_build.py --out runs/bench_build.json                 # 100 MB and 1 GB
+    python tools/bench_build.py --sizes-mb 10 50 --out runs/bench_build_quick.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ds_partitionsel import pool_format as pf  # noqa: E402
+
+def _build_pool():
+    from importlib import util
+
+    spec = util.spec_from_file_location("tool_build_pool", REPO / "tools" / "build_pool.py")
+    mod = util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TARGET_THROUGHPUT = 0.70
+TARGET_RSS = 1.2
+
+
+def real_documents() -> list:
+    """Real documents ``{"text", "domain"}``: the demo records and the stdlib's .py sources."""
+    docs = []
+    demo = REPO / ".cache" / "demo_data" / "train.jsonl"
+    if not demo.is_file():
+        raise SystemExit(f"{demo} not found: run python tools/fetch_demo_data.py first")
+    for line in open(demo, encoding="utf-8"):
+        rec = json.loads(line)
+        docs.append({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]})
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if 0 < len(text) <= 200_000:
+            docs.append({"text": text, "domain": "python"})
+    return docs
+
+
+def make_corpus(path: Path, size_mb: float, docs: list) -> Path:
+    """Cycle ``docs`` into a jsonl file of about ``size_mb`` MB (reused when already there)."""
+    target = int(size_mb * 1e6)
+    if path.is_file() and abs(path.stat().st_size - target) < 300_000:
+        return path
+    lines = [(json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8") for d in docs]
+    tmp = path.with_suffix(".tmp")
+    written = 0
+    with open(tmp, "wb") as f:
+        while written < target:
+            for line in lines:
+                f.write(line)
+                written += len(line)
+                if written >= target:
+                    break
+    os.replace(tmp, path)
+    return path
+
+
+def tokenizer_throughput(tok_path: str, corpus: Path, limit_mb: float) -> dict:
+    """Tokens/s of the raw batched fast tokenizer on the first ``limit_mb`` MB of the corpus."""
+    tok = pf.load_tokenizer(tok_path)
+    backend = tok.backend_tokenizer
+    batch_chars = _build_pool().TEXT_BATCH_CHARS  # the batches the builder hands to the tokenizer
+    batches, batch, chars, read = [], [], 0, 0
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            read += len(line)
+            text = json.loads(line)["text"]
+            batch.append(text)
+            chars += len(text)
+            if chars >= batch_chars:
+                batches.append(batch)
+                batch, chars = [], 0
+            if read >= limit_mb * 1e6:
+                break
+    if batch:
+        batches.append(batch)
+    tokens, t0 = 0, time.perf_counter()
+    for b in batches:
+        for e in backend.encode_batch_fast(b, add_special_tokens=False):
+            tokens += len(e.ids)
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "mb": read / 1e6}
+
+
+RSS_WRAPPER = """
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:])
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+sys.exit(r.returncode)
+"""
+
+
+def run_build(tok_path: str, corpus: Path, out: Path, workers: int, pack: int) -> dict:
+    """Build the pool in a fresh process (under mpiexec when workers > 1); wall time and peak RSS."""
+    cmd = [sys.executable, str(REPO / "tools" / "build_pool.py"), "--tokenizer", tok_path, "--train", str(corpus),
+           "--text-field", "text", "--pack", str(pack), "--valid-fraction", "0.05", "--out", str(out),
+           "--overwrite", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO))
+    if workers > 1:
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        cmd = [str(mpiexec), "-n", str(workers), "--oversubscribe", "--mca", "btl", "self,sm",
+               "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "TOKENIZERS_PARALLELISM", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"build failed:\n{proc.stderr[-3000:]}")
+    rss_kb = int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0])
+    manifest = pf.read_manifest(out)
+    per = [c for s in manifest["splits"].values() for c in s["per_domain"].values()]
+    tokens = sum(c["stream_tokens"] - c["documents"] for c in per)  # what the tokenizer produced
+    return {"workers": workers, "seconds": seconds, "tokens": tokens, "documents": sum(c["documents"] for c in per),
+            "records": sum(s["num_records"] for s in manifest["splits"].values()),
+            "shards": len(manifest["splits"]["train"]["shards"]),
+            "tokens_per_s_per_worker": tokens / seconds / workers, "peak_rss_mb": rss_kb / 1024}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", default=str(REPO / ".cache" / "models" / "smollm2-135m"))
+    ap.add_argument("--sizes-mb", type=float, nargs="+", default=[100, 1000])
+    ap.add_argument("--workers", type=int, default=1, help="build workers (mpiexec -n W when > 1)")
+    ap.add_argument("--pack", type=int, default=256)
+    ap.add_argument("--baseline-mb", type=float, default=32, help="MB of the corpus the tokenizer baseline reads")
+    ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_build"), help="corpora and pools go here")
+    ap.add_argument("--keep", action="store_true", help="keep the corpora and pools (default: delete pools)")
+    ap.add_argument("--out", default="runs/bench_build.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    docs = real_documents()
+    rows = []
+    for size in sorted(args.sizes_mb):
+        print(f"[{size:g} MB] writing the corpus ...", file=sys.stderr, flush=True)
+        corpus = make_corpus(work / f"corpus_{size:g}mb.jsonl", size, docs)
+        print(f"[{size:g} MB] tokenizer baseline on {min(size, args.baseline_mb):g} MB ...", file=sys.stderr, flush=True)
+        base = tokenizer_throughput(args.tokenizer, corpus, args.baseline_mb)
+        print(f"[{size:g} MB] build_pool with {args.workers} worker(s) ...", file=sys.stderr, flush=True)
+        pool = work / f"pool_{size:g}mb"
+        build = run_build(args.tokenizer, corpus, pool, args.workers, args.pack)
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(pool, ignore_errors=True)
+        row = {"size_mb": size, "corpus_bytes": corpus.stat().st_size, "tokenizer": base, "build": build,
+               "throughput_ratio": build["tokens_per_s_per_worker"] / base["tokens_per_s"]}
+        rows.append(row)
+        print(f"[{size:g} MB] {build['tokens']} tokens in {build['seconds']:.1f} s, "
+              f"ratio {row['throughput_ratio']:.2f}, peak RSS {build['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    rss_ratio = rows[-1]["build"]["peak_rss_mb"] / rows[0]["build"]["peak_rss_mb"] if len(rows) > 1 else None
+    head = (f"{'corpus':>8s} {'docs':>9s} {'tokens':>12s} {'shards':>6s} {'build s':>8s} {'build tok/s/w':>13s} "
+            f"{'tokenizer tok/s':>15s} {'ratio':>6s} {'peak RSS MB':>11s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        b = r["build"]
+        print(f"{r['size_mb']:>6g}MB {b['documents']:9d} {b['tokens']:12d} {b['shards']:6d} {b['seconds']:8.1f} "
+              f"{b['tokens_per_s_per_worker']:13.0f} {r['tokenizer']['tokens_per_s']:15.0f} "
+              f"{r['throughput_ratio']:6.2f} {b['peak_rss_mb']:11.0f}")
+    worst = min(r["throughput_ratio"] for r in rows)
+    print(f"\nthroughput: build / tokenizer = {worst:.2f} at worst (target >= {TARGET_THROUGHPUT}): "
+          f"{'met' if worst >= TARGET_THROUGHPUT else 'NOT met'}")
+    if rss_ratio is not None:
+        print(f"peak RSS {rows[-1]['size_mb']:g} MB / {rows[0]['size_mb']:g} MB corpus = {rss_ratio:.2f} "
+              f"(target <= {TARGET_RSS}): {'met' if rss_ratio <= TARGET_RSS else 'NOT met'}")
+    meta = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+            "tokenizer": args.tokenizer, "pack": args.pack, "workers": args.workers, "command": sys.argv}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"meta": meta, "results": rows, "min_throughput_ratio": worst, "rss_ratio": rss_ratio,
+                   "targets": {"throughput_ratio": TARGET_THROUGHPUT, "rss_ratio": TARGET_RSS}}, fh, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
