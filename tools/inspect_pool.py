@@ -78,8 +78,9 @@ def main(argv=None) -> int:
         splits = args.split or list(manifest["splits"])
         tok = manifest["tokenizer"]
         print(f"pool {args.pool}: tokenizer {tok['name_or_path']} ({tok['class']}, vocab {tok['vocab_size']}, "
-              f"fingerprint {tok['fingerprint_sha256'][:12]}), template {manifest['template']}, "
-              f"max_length {manifest['max_length']}")
+              f"fingerprint {tok['fingerprint_sha256'][:12]}), candidates {manifest.get('candidates', 'sft')}, "
+              f"template {manifest['template']}, max_length {manifest['max_length']}"
+              + (f", packed windows of {manifest['pack']}" if manifest.get("pack") else ""))
         report, problems = {}, []
         for split in splits:
             pool = CandidatePool(args.pool, split=split)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             report[split] = rows
             problems += check_against_manifest(pool, rows)
             entry = manifest["splits"][split]
-            print(f"\n[{split}] {len(pool)} records, {entry['num_tokens']} tokens"
+            print(f"\n[{split}] {len(pool)} records, {entry['num_tokens']} tokens, {pool.num_shards} shard(s)"
                   + (f", skipped bad {entry['skipped_bad']}" if entry.get("skipped_bad") else "")
                   + (f", dropped (no response left after truncation) {entry['dropped_no_response_after_truncation']}"
                      if entry.get("dropped_no_response_after_truncation") else ""))
