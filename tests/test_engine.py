@@ -66,12 +66,12 @@ def _train_worker(rank, world, real, stage, steps, method, block=None):
             "grads_after_sketch": grads_after_sketch}
 
 
-def _bf16_worker(rank, world, real, steps):
-    """The shipped bf16 config's precision and ZeRO stage on the test model and pool."""
+def _half_worker(rank, world, real, steps, precision):
+    """The shipped bf16/fp16 config's precision and ZeRO stage on the test model and pool."""
     shipped = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          "ds_configs", "zero2_bf16.json")))
+                                          "ds_configs", f"zero2_{precision}.json")))
     cfg = _ds_config(shipped["zero_optimization"]["stage"])
-    cfg["bf16"] = shipped["bf16"]
+    cfg[precision] = shipped[precision]
     engine = _engine(real, cfg)
     weight_dtype = str(next(engine.module.parameters()).dtype)
     batch = engine.pool.collate([0, 1, 2], engine.pad_token_id)
@@ -212,12 +212,14 @@ def test_every_zero_stage_trains_and_all_ranks_apply_the_same_selection(real, st
     assert out[0]["before"] == pytest.approx(out[1]["before"]) and out[0]["after"] == pytest.approx(out[1]["after"])
 
 
-def test_bf16_config_trains_and_sketches_in_float32(real):
-    out = run_ranks(_bf16_worker, 2, real, 4)
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
+def test_half_precision_config_trains_and_sketches_in_float32(real, precision):
+    out = run_ranks(_half_worker, 2, real, 4, precision)
     for r in out:
-        assert r["weight_dtype"] == "torch.bfloat16", r  # DeepSpeed really runs the model in bf16
+        expected = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
+        assert r["weight_dtype"] == expected, r  # DeepSpeed really runs the model in half precision
         assert r["sketch_dtype"] == "torch.float32" and r["finite"], r
-        assert r["min_cosine"] > 0.95, r  # bf16 activations, float32 accumulation
+        assert r["min_cosine"] > 0.95, r  # half-precision activations, float32 accumulation
         assert all(l == l for l in r["losses"]) and r["after"] < r["before"], r
     assert out[0]["selected"] == out[1]["selected"]
 
