@@ -8,6 +8,9 @@
    features); CPU-sized in batch (4), pool (32) and steps;
 4. plot the run (tools/analyze_run.py) and print the summary.
 
+``--pretrain`` runs the pretraining demo instead (launch/pretrain_demo.py, its own options): a
+packed raw-text pool of real text and code, a small Llama trained from scratch on 2 ranks.
+
     python launch/demo.py [--steps 8] [--method partitionsel] [--out runs/demo] [--cache .cache]
 
 Everything it fetches or builds goes under ``--cache`` (default ``.cache/``), created as needed:
@@ -35,7 +38,13 @@ def run(cmd, **kw):
 
 
 def main():
+    if "--pretrain" in sys.argv[1:]:  # the pretraining demo has its own options
+        from pretrain_demo import main as pretrain_main
+
+        return pretrain_main([a for a in sys.argv[1:] if a != "--pretrain"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pretrain", action="store_true",
+                    help="the pretraining demo instead (python launch/pretrain_demo.py --help for its options)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--method", default="partitionsel")
