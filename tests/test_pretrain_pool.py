@@ -448,3 +448,36 @@ def test_megatron_without_megatron_core_names_the_extra(corpus, megatron, tmp_pa
     out = tmp_path / "p"
     assert_refused(run(corpus, out, "--megatron", f"code={megatron['code']}", "--pack", S), capsys,
                    "pip install 'ds_partitionsel[megatron]'", out)
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def test_reader_checks_every_shard_and_reads_version_1_pools(corpus, tmp_path):
+    import shutil
+
+    many = tmp_path / "many"
+    assert run(corpus, many, "--train", corpus["train"], "--text-field", "text", "--shard-docs", 20) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(many, broken)
+    (broken / "train" / "shard-00002" / "offsets.npy").unlink()
+    with pytest.raises(pf.PoolFormatError, match="shard-00002/offsets.npy is missing"):
+        CandidatePool(broken)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(many, flipped)
+    tokens = np.load(flipped / "train" / "shard-00003" / "tokens.npy")
+    tokens[0] += 1
+    np.save(flipped / "train" / "shard-00003" / "tokens.npy", tokens, allow_pickle=False)
+    assert len(CandidatePool(flipped)) == 75  # same sizes: only the hash check sees it
+    with pytest.raises(pf.PoolFormatError, match="shard-00003/tokens.npy: SHA-256 differs"):
+        CandidatePool(flipped, verify=True)
+    # a version 1 pool (before shards): arrays in the split folder, one split-level file table
+    one = tmp_path / "one"
+    assert run(corpus, one, "--train", corpus["train"], "--text-field", "text") == 0
+    m = json.loads((one / "manifest.json").read_text())
+    shard = m["splits"]["train"].pop("shards")[0]
+    assert shard["domains"] == m["domains"]  # one shard: its domain table is the pool's
+    m["splits"]["train"]["files"] = shard["files"]
+    m["format_version"] = 1
+    (one / "manifest.json").write_text(json.dumps(m))
+    assert records(CandidatePool(one, verify=True)) == records(CandidatePool(many))
