@@ -38,16 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ds_partitionsel import pool_format as pf  # noqa: E402
-
-def _build_pool():
-    from importlib import util
-
-    spec = util.spec_from_file_location("tool_build_pool", REPO / "tools" / "build_pool.py")
-    mod = util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
+from ds_partitionsel.pool_builder import TEXT_BATCH_CHARS  # noqa: E402
 
 TARGET_THROUGHPUT = 0.70
 TARGET_RSS = 1.2
@@ -93,7 +84,7 @@ def tokenizer_throughput(tok_path: str, corpus: Path, limit_mb: float) -> dict:
     """Tokens/s of the raw batched fast tokenizer on the first ``limit_mb`` MB of the corpus."""
     tok = pf.load_tokenizer(tok_path)
     backend = tok.backend_tokenizer
-    batch_chars = _build_pool().TEXT_BATCH_CHARS  # the batches the builder hands to the tokenizer
+    batch_chars = TEXT_BATCH_CHARS  # the batches the builder hands to the tokenizer
     batches, batch, chars, read = [], [], 0, 0
     with open(corpus, encoding="utf-8") as f:
         for line in f:
