@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ds_partitionsel.budgets import allocate_budgets
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, check_pool_fit, train_batch_size
 from ds_partitionsel.metrics import conflicting_pairs
-from ds_partitionsel.runs import (check_resume, open_metrics_log, read_resume_record, resume_record,
-                                  write_resume_record)
+from ds_partitionsel.runs import (check_resume, check_run_dir, open_metrics_log, read_resume_record,
+                                  resume_record, write_resume_record)
 from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
 
@@ -86,6 +86,8 @@ def initialize(model, config, pool, valid_pool, *, optimizer=None, model_paramet
     batch_size = train_batch_size(ds_config, world)
     if batch_size is not None:
         check_pool_fit(cfg, batch_size, world, len(pool))
+    if output_dir:
+        check_run_dir(output_dir, resume=resume)
     if model_parameters is None and optimizer is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(

@@ -36,6 +36,19 @@ class ResumeMismatchError(ValueError):
     """A checkpoint was trained on another pool or with another selection config."""
 
 
+def _taken(path) -> RunDirError:
+    return RunDirError(f"{path} already holds the log of another run; a run directory is never shared: choose a "
+                       f"new output directory (--output-dir), or resume that run from its checkpoint "
+                       f"(--resume) to continue its log")
+
+
+def check_run_dir(output_dir, resume: bool = False) -> None:
+    """Refuse early (before anything is built) an ``output_dir`` whose log belongs to another run."""
+    path = os.path.join(output_dir, METRICS_LOG)
+    if not resume and os.path.isfile(path) and os.path.getsize(path) > 0:
+        raise _taken(path)
+
+
 def open_metrics_log(output_dir, resume: bool = False):
     """Open ``output_dir/metrics.jsonl`` for appending, owned by this run (see the module doc).
 
@@ -48,10 +61,7 @@ def open_metrics_log(output_dir, resume: bool = False):
     try:
         _lock(fh, path)
         if not resume and os.fstat(fh.fileno()).st_size > 0:
-            raise RunDirError(
-                f"{path} already holds the log of another run; a run directory is never shared: choose a "
-                f"new output directory (--output-dir), or resume that run from its checkpoint "
-                f"(--resume) to continue its log")
+            raise _taken(path)
     except BaseException:
         fh.close()
         raise

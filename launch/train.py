@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override  # noqa: E402
-from ds_partitionsel.runs import METRICS_LOG, ResumeMismatchError, RunDirError  # noqa: E402
+from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
 
@@ -139,11 +139,7 @@ def place_monitors(cfg, output_dir, config_path):
 def check_run_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
     if args.output_dir:
-        log = os.path.join(args.output_dir, METRICS_LOG)
-        if not args.resume and os.path.isfile(log) and os.path.getsize(log) > 0:
-            raise RunDirError(f"{log} already holds the log of another run; a run directory is never "
-                              f"shared: choose a new --output-dir, or --resume that run's checkpoint to "
-                              f"continue its log")
+        check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
         if not os.path.isdir(args.resume):
             raise UsageError(f"--resume {args.resume}: no such checkpoint directory")

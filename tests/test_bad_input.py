@@ -248,7 +248,7 @@ def test_train_refuses_a_run_directory_that_holds_another_run(real, tmp_path, ca
     before = tree_digest(tmp_path)
     code, err = run_train(_tiny_args(real, cfg, "--output-dir", run), capsys)
     assert code == 2
-    assert_one_line_error(err, r"metrics.jsonl already holds the log of another run; .*choose a new --output-dir")
+    assert_one_line_error(err, r"metrics.jsonl already holds the log of another run; .*choose a new output directory \(--output-dir\)")
     assert tree_digest(tmp_path) == before
 
 
@@ -341,7 +341,7 @@ def _resume_worker(rank, world, real, other_pool, ckpt):
 
     tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
 
-    def engine(pool_dir=real["pool"], **block):
+    def engine(pool_dir=real["pool"], output_dir=None, **block):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -352,7 +352,7 @@ def _resume_worker(rank, world, real, other_pool, ckpt):
                "steps_per_print": 10 ** 6, "partitionsel": ps}
         pool = CandidatePool(pool_dir, "train", tokenizer=tok)
         return initialize(model, cfg, pool, CandidatePool(pool_dir, "valid"),
-                          optimizer=torch.optim.AdamW(model.parameters()), tokenizer=tok)[0]
+                          optimizer=torch.optim.AdamW(model.parameters()), tokenizer=tok, output_dir=output_dir)[0]
 
     first = engine()
     first.train_step()
@@ -371,6 +371,15 @@ def _resume_worker(rank, world, real, other_pool, ckpt):
     same = engine(eval_interval=5, timeout_s=30)  # logging and timeouts may change freely
     same.load_checkpoint(str(ckpt), tag="t")
     out["allowed_step"], out["same_step"] = allowed.global_step, same.global_step
+    taken = Path(ckpt).parent / "taken"
+    taken.mkdir()
+    (taken / "metrics.jsonl").write_text('{"step": 0}\n')
+    try:
+        engine(output_dir=taken)
+        out["taken"] = "no error"
+    except RunDirError as e:
+        out["taken"] = str(e)
+    out["taken_log"] = (taken / "metrics.jsonl").read_text()
     return out
 
 
@@ -393,6 +402,7 @@ def test_resume_refuses_another_pool_or_selection_config(real, tmp_path):
     for case, fragment in expect.items():
         assert fragment in out[case] and "--resume-allow-changes" in out[case], (case, out[case])
     assert out["allowed_step"] == out["same_step"] == 1
+    assert "already holds the log of another run" in out["taken"] and out["taken_log"] == '{"step": 0}\n'
     assert (ckpt / "t" / "partitionsel_resume.json").is_file()
 
 
