@@ -65,6 +65,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from .projection import BlockGaussianProjection, gaussian_matrix
 
@@ -608,15 +609,18 @@ class GradientSketcher:
                     self._make_head_hook(head_inputs), prepend=True))
             model.eval()
             torch.set_grad_enabled(False)  # a pre-hook turns it on at the first hooked module
-            losses = self._forward_losses(input_ids, attention_mask, labels, head_inputs)
+            # named ranges: torch.profiler tables (tools/bench_*.py --profile) show the phases
+            with record_function("sketch.forward"):
+                losses = self._forward_losses(input_ids, attention_mask, labels, head_inputs)
             torch.set_grad_enabled(True)
             missing = [n for n, c in captures.items() if not c.outputs]
             if missing:
                 raise RuntimeError(f"hooked modules did not run in the forward: {missing[:5]}; "
                                    f"choose modules that the model uses")
             outputs = [y for c in captures.values() for y in c.outputs]
-            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True,
-                                         materialize_grads=True)
+            with record_function("sketch.backward"):
+                deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True,
+                                             materialize_grads=True)
         finally:
             for h in handles:
                 h.remove()
@@ -625,7 +629,7 @@ class GradientSketcher:
                 m.training = was
 
         real = attention_mask.bool().unsqueeze(-1)
-        with torch.no_grad():
+        with torch.no_grad(), record_function("sketch.reduce"):
             offset = 0
             for block in self.blocks:
                 cap = captures[block.name]
@@ -731,7 +735,7 @@ class GradientSketcher:
         rows, cols = is_label.nonzero(as_tuple=True)            # the M label positions
         targets = input_ids[rows, predictors[cols] + 1]
         weights = 1.0 / is_label.sum(1).clamp(min=1).to(torch.float32)
-        with self._gathered_head() as (weight, bias):
+        with self._gathered_head() as (weight, bias), record_function("sketch.head"):
             nll = label_nll(hidden[rows, cols], weight, bias, targets, self.head_chunk)
         losses = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         return losses.index_add(0, rows, nll * weights[rows])
