@@ -1,0 +1,255 @@
+"""PartitionSel for the Hugging Face Trainer: :class:`PartitionSelTrainer`.
+
+    from ds_partitionsel.hf import PartitionSelTrainer
+
+    args = TrainingArguments(output_dir="runs/x", deepspeed="ds_configs/zero2.json",   # has a
+                             per_device_train_batch_size=2, max_steps=100, ...)        # "partitionsel" block
+    trainer = PartitionSelTrainer(model=model, args=args, processing_class=tokenizer,
+                                  candidate_pool=CandidatePool("pools/mix", "train", tokenizer=tokenizer),
+                                  valid_pool=CandidatePool("pools/mix", "valid"))
+    trainer.train()                        # or trainer.train(resume_from_checkpoint=True)
+
+Each optimizer step's batch is chosen by the same :class:`~ds_partitionsel.selector.Selector` as
+the DeepSpeed engine's: the training "dataloader" yields, for global step ``s``, this rank's
+share of the selection made with the model as it is after step ``s - 1`` and the learning rate
+of step ``s``. The loss is the per-sequence mean (:mod:`ds_partitionsel.loss`), weighted by the
+OMP weights when ``use_weights``. So, for the same seed, pool, model and DeepSpeed config, the
+Trainer selects exactly what ``ds_partitionsel.engine`` selects.
+
+The ``"partitionsel"`` block comes from ``TrainingArguments(deepspeed=...)`` (a path or a dict) or
+from ``partitionsel=`` (then DeepSpeed is optional: plain DDP works too). The batch is
+``per_device_train_batch_size x gradient_accumulation_steps x world``, and ``max_steps`` must be
+set. Checkpoints: the Trainer's own ``checkpoint-N`` folders also hold ``partitionsel_resume.json``;
+a resume starts selecting at the checkpoint's step (the selection is a function of the step, so
+nothing is skipped or replayed) and refuses another pool or selection config, as the engine does.
+Metrics: one :class:`~ds_partitionsel.records.StepRecord` per step into
+``output_dir/metrics.jsonl`` and, as ``partitionsel/...`` scalars, into the Trainer's logs (its
+tensorboard / wandb callbacks see them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import transformers
+
+from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.loss import per_sequence_loss
+from ds_partitionsel.records import EvalRecord, MetricsSink, monitor_events, step_record
+from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
+from ds_partitionsel.selector import Selector, check_pools, pool_size_for
+
+logger = logging.getLogger("ds_partitionsel")
+
+__all__ = ["PartitionSelTrainer"]
+
+
+def _block_from(partitionsel, deepspeed) -> PartitionSelConfig:
+    if partitionsel is not None:
+        if isinstance(partitionsel, PartitionSelConfig):
+            return partitionsel
+        return PartitionSelConfig.from_dict(partitionsel)
+    config = deepspeed
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as fh:
+                config = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the DeepSpeed config {config!r}: {e}") from None
+    if not isinstance(config, dict) or "partitionsel" not in config:
+        raise ConfigError("PartitionSelTrainer needs a 'partitionsel' block: put it into the DeepSpeed "
+                          "config of TrainingArguments(deepspeed=...), or pass partitionsel={...}")
+    return PartitionSelConfig.from_dict(config["partitionsel"])
+
+
+class SelectedBatches:
+    """The Trainer's training "dataloader": this rank's micro batches of the selected batch of
+    each step, from ``trainer.state.global_step`` on (a resume starts where it stopped)."""
+
+    def __init__(self, trainer: "PartitionSelTrainer"):
+        self.trainer = trainer
+
+    def __len__(self) -> int:  # one "epoch" is the whole run: the Trainer counts steps with it
+        args = self.trainer.args
+        return args.max_steps * args.gradient_accumulation_steps
+
+    def __iter__(self):
+        tr = self.trainer
+        if tr.selector is None:  # the model is prepared by now (DeepSpeed engine, ZeRO-3 hooks)
+            tr.selector = tr._build_selector()
+        selector = tr.selector
+        micro = tr.args.per_device_train_batch_size
+        step = tr.state.global_step
+        while True:
+            sel = selector.select(step, lr=tr.current_lr())
+            tr._selection, tr._step_losses, tr._train_start = sel, [], time.perf_counter()
+            weights = sel.train_weights(tr.ps_config.use_weights)
+            for s in range(0, len(sel.my_records), micro):
+                batch = tr.candidate_pool.collate(list(sel.my_records[s:s + micro]), selector.pad_token_id)
+                item = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "labels": batch["labels"]}
+                if weights is not None:
+                    item["ps_weights"] = weights[s:s + micro]
+                yield item
+            step += 1
+
+
+class _PartitionSelCallback(transformers.TrainerCallback):
+    """Writes each step's record and evaluation, and the resume record of each checkpoint."""
+
+    def __init__(self, trainer: "PartitionSelTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._finish_step()
+
+    def on_save(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if tr.selector is not None and tr.selector.rank == 0:
+            folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                record = resume_record(tr.selector)
+                with open(os.path.join(folder, RESUME_RECORD), "w") as fh:
+                    json.dump(record, fh, indent=1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.sink is not None:
+            self.trainer.sink.close()
+
+
+class PartitionSelTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose every optimizer step trains on a PartitionSel batch.
+
+    Parameters (beyond the Trainer's; ``train_dataset`` is not used)
+    ----------
+    candidate_pool, valid_pool : ``CandidatePool`` of the training and the held-out split.
+    partitionsel : the ``"partitionsel"`` block (dict or ``PartitionSelConfig``); default: the
+        block of ``args.deepspeed``.
+    pad_token_id : default ``processing_class.pad_token_id``.
+    resume_allow_changes : resume even if the pool or the selection config changed.
+    """
+
+    def __init__(self, *args, candidate_pool, valid_pool, partitionsel=None,
+                 pad_token_id: Optional[int] = None, resume_allow_changes: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ps_config = _block_from(partitionsel, self.args.deepspeed)
+        ds = getattr(self.args, "hf_deepspeed_config", None)
+        if ds is not None:  # DeepSpeed must not see the block (HF would try to fill its "auto" values)
+            ds.config.pop("partitionsel", None)
+        check_pools(candidate_pool, valid_pool, self.ps_config)
+        if self.args.max_steps is None or self.args.max_steps <= 0:
+            raise ConfigError("PartitionSelTrainer needs TrainingArguments(max_steps=N > 0): every step "
+                              "draws a new pool, there are no epochs")
+        if pad_token_id is None:
+            pad_token_id = getattr(self.processing_class, "pad_token_id", None)
+        if pad_token_id is None:
+            raise ConfigError("no pad token id: pass a tokenizer with a pad_token as processing_class, "
+                              "or pad_token_id=")
+        self.candidate_pool, self.valid_pool = candidate_pool, valid_pool
+        self.pad_token_id = int(pad_token_id)
+        self.resume_allow_changes = resume_allow_changes
+        # The selection is a function of the step: a resume starts at the checkpoint's step and
+        # must not replay (run selections for) the steps it skips.
+        self.args.ignore_data_skip = True
+        self.model_accepts_loss_kwargs = False  # our loss is the per-sequence mean
+        self.selector: Optional[Selector] = None
+        self.sink: Optional[MetricsSink] = None
+        self._selection, self._step_losses, self._train_start = None, [], 0.0
+        self._ps_logs = {}
+        self.add_callback(_PartitionSelCallback(self))
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def get_train_dataloader(self):
+        return SelectedBatches(self)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint-N folder in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint:
+            self._check_resume(resume_from_checkpoint)
+        rank = self.args.process_index
+        self.sink = MetricsSink(self.args.output_dir, rank=rank, resume=bool(resume_from_checkpoint))
+        self._resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_resume(self, folder) -> None:
+        path = os.path.join(folder, RESUME_RECORD)
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder} holds no {RESUME_RECORD}: it is not a checkpoint of a PartitionSelTrainer")
+        with open(path) as fh:
+            saved = json.load(fh)
+        here = SimpleNamespace(global_step=saved.get("global_step"), cfg=self.ps_config,
+                               pool_size=pool_size_for(self.ps_config, self.batch_size),
+                               batch_size=self.batch_size, pool=self.candidate_pool, valid_pool=self.valid_pool)
+        diffs = check_resume(saved, resume_record(here), folder, self.resume_allow_changes)
+        if diffs:
+            logger.warning("resuming %s with changes (allowed): %s", folder, "; ".join(diffs))
+
+    def _build_selector(self) -> Selector:
+        return Selector(self.model, self.ps_config, self.candidate_pool, self.valid_pool,
+                        batch_size=self.batch_size, pad_token_id=self.pad_token_id)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        self.selector = None  # built at the first batch, once the model is prepared
+        return super()._inner_training_loop(*args, **kwargs)
+
+    # ------------------------------------------------------------------ loss and step records
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("ps_weights", None)
+        per_seq, _ = per_sequence_loss(model, inputs)
+        loss = (per_seq * weights.to(per_seq.device, per_seq.dtype)).mean() if weights is not None else per_seq.mean()
+        self._step_losses.append(float(loss.detach()))
+        return (loss, None) if return_outputs else loss
+
+    def _finish_step(self) -> None:
+        sel, selector = self._selection, self.selector
+        if sel is None:
+            return
+        comm = selector.comm(sel.step, "training")
+        local = sum(self._step_losses) / max(len(self._step_losses), 1)
+        train_loss = float(comm.all_reduce(torch.tensor(local, dtype=torch.float64), "sum",
+                                           "all-reduce of the train loss")) / selector.world
+        proxy_loss = selector.after_step(sel)
+        log_conflicts = sel.step % self.ps_config.log_interval == 0
+        record = step_record(sel, train_loss=train_loss, lr=self.current_lr(), pool_size=selector.pool_size,
+                             time_train=time.perf_counter() - self._train_start,
+                             log_conflicts=log_conflicts, proxy_loss=proxy_loss)
+        self._emit(record)
+        step = sel.step + 1
+        if self.ps_config.eval_interval and step % self.ps_config.eval_interval == 0:
+            self.evaluate_domains()
+        self._selection = None
+
+    def evaluate_domains(self) -> dict:
+        """Held-out loss per domain (PartitionSel's evaluation), logged as ``partitionsel/eval_loss/*``."""
+        losses = self.selector.evaluate(self.model, self.args.per_device_train_batch_size, self.state.global_step)
+        self._emit(EvalRecord(step=self.state.global_step, method=self.ps_config.method, eval_loss=losses))
+        return losses
+
+    def _emit(self, record) -> None:
+        if self.sink is not None:
+            self.sink.emit(record)
+        self._ps_logs.update({name: value for name, value, _ in monitor_events(record)})
+
+    def log(self, logs, *args, **kwargs):
+        logs = dict(logs)
+        logs.update(self._ps_logs)
+        self._ps_logs = {}
+        return super().log(logs, *args, **kwargs)
+

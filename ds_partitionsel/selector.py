@@ -1,0 +1,391 @@
+"""The selection step, for any training loop: :class:`Selector`.
+
+One step, the same on every data-parallel rank (DESIGN: pool -> sketch -> select -> train)::
+
+    plan(step)          the step's pool (seed, step) -> this rank's contiguous shard, budgets
+    select(step, lr)    sketch the shard, build the validation target from the anchors, run the
+                        distributed selection over the global pool, hand out the batch
+                        owner-first -> an immutable StepSelection
+
+The training loop (``ds_partitionsel.engine`` for DeepSpeed, ``ds_partitionsel.hf`` for the
+Hugging Face Trainer) then runs forward/backward/step on ``selection.my_records`` with
+``selection.my_weights``. The selector knows nothing of either loop: it needs an ``nn.Module``
+to sketch (ZeRO-3 partitioned or not, peft-wrapped or not), the pools, the ``"partitionsel"``
+config, the global batch size and the current learning rate.
+
+Every rank must call :meth:`Selector.select` for the same steps in the same order: sketching
+runs the same number of forwards on every rank (ZeRO-3 gathers parameters collectively) and the
+selection is a sequence of collectives.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ds_partitionsel.budgets import allocate_budgets
+from ds_partitionsel.collectives import Communicator
+from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.loss import per_sequence_loss
+from ds_partitionsel.metrics import conflicting_pairs
+from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator, lockstep_chunks,
+                                     shard_bounds)
+
+logger = logging.getLogger("ds_partitionsel")
+
+__all__ = ["StepPlan", "StepTimings", "StepSelection", "Selector", "check_pools", "pool_size_for"]
+
+# methods that need no gradient features
+FEATURELESS = ("random", "full")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank does in one step, decided from (seed, step) and the world size only.
+
+    pool_ids : (N,) int64, the global record ids of the step's candidate pool.
+    bounds : per rank, the ``[lo, hi)`` positions of its contiguous shard of the pool.
+    budgets : (D,) int64, per-domain budgets of the batch (sum = batch_size).
+    """
+    step: int
+    pool_ids: torch.Tensor
+    bounds: Tuple[Tuple[int, int], ...]
+    budgets: torch.Tensor
+    rank: int
+    world: int
+    batch_size: int
+
+    @property
+    def shard(self) -> Tuple[int, int]:
+        """This rank's ``[lo, hi)`` positions in the pool."""
+        return self.bounds[self.rank]
+
+    @property
+    def local_ids(self) -> torch.Tensor:
+        """Record ids of this rank's shard, (hi - lo,)."""
+        lo, hi = self.shard
+        return self.pool_ids[lo:hi]
+
+    @property
+    def share(self) -> int:
+        """How many selected samples each rank trains on."""
+        return self.batch_size // self.world
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Seconds spent in one selection (on this rank; comm includes waiting for slower ranks)."""
+    sketch: float = 0.0   # the pool shard's sketches
+    anchors: float = 0.0  # the validation target (0 when reused within a refresh interval)
+    solve: float = 0.0    # the distributed selection outside collectives
+    comm: float = 0.0     # waiting in the selection's collectives
+    total: float = 0.0    # the whole select() call
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """The outcome of :meth:`Selector.select`, identical on every rank except ``my_*``.
+
+    indices : (k,) int64, pool positions in pick order; weights : (k,) float64 OMP weights.
+    record_ids : (k,) int64, the selected global record ids (``plan.pool_ids[indices]``).
+    my_records / my_weights : this rank's share of the batch (owner-first), record ids and their
+        OMP weights.
+    selected_features : (k, p) float64 sketches of the selected rows (replicated; None for
+        featureless methods or when not requested).
+    """
+    plan: StepPlan
+    method: str
+    indices: torch.Tensor
+    weights: torch.Tensor
+    record_ids: torch.Tensor
+    my_records: Tuple[int, ...]
+    my_weights: Tuple[float, ...]
+    domain_counts: Dict[str, int]
+    utility: float
+    dropped: int
+    mode: str
+    bytes_sent: int
+    timings: StepTimings
+    selected_features: Optional[torch.Tensor] = None
+
+    @property
+    def step(self) -> int:
+        return self.plan.step
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.numel())
+
+    def train_weights(self, use_weights: bool) -> Optional[torch.Tensor]:
+        """Per-sequence loss weights of ``my_records`` (None: plain mean). The OMP weights are
+        scaled so that they average 1 over the whole batch (a weighted batch has the plain
+        batch's loss scale)."""
+        total = float(self.weights.sum())
+        if not use_weights or total <= 0:
+            return None
+        return torch.tensor(self.my_weights, dtype=torch.float32) * (self.k / total)
+
+    def conflicting_pairs(self) -> Optional[int]:
+        """Selected pairs with a negative gradient inner product (None without features)."""
+        if self.selected_features is None:
+            return None
+        return conflicting_pairs(torch.nan_to_num(self.selected_features), torch.arange(self.k))
+
+
+def pool_size_for(cfg: PartitionSelConfig, batch_size: int) -> int:
+    """Candidates per step: the batch itself for ``full``, else ``pool_size`` or factor x batch."""
+    if cfg.method == "full":
+        return batch_size
+    return cfg.pool_size or cfg.pool_factor * batch_size
+
+
+def check_pools(pool, valid_pool, cfg: PartitionSelConfig) -> None:
+    """Refuse pools that cannot serve this config, naming the domain or key at fault."""
+    counts = pool.domain_counts()
+    names = pool.domain_names
+    missing = [names[j] for j in range(len(names)) if int(counts[j]) == 0]
+    if missing:
+        raise ConfigError(f"domain(s) {missing} have no records in the training split of {pool.path}; "
+                          f"rebuild the pool with data for them or drop them")
+    if valid_pool is None or len(valid_pool) == 0:
+        raise ConfigError("the validation split is empty: PartitionSel needs held-out anchors; "
+                          "build the pool with --valid data")
+    if cfg.budget.minority_domains:
+        unknown = [d for d in cfg.budget.minority_domains if d not in names]
+        if unknown:
+            raise ConfigError(f"partitionsel.budget.minority_domains {unknown} are not domains of the "
+                              f"pool; valid: {names}")
+    if cfg.budget.fractions is not None and len(cfg.budget.fractions) != len(names):
+        raise ConfigError(f"partitionsel.budget.fractions has {len(cfg.budget.fractions)} entries for "
+                          f"{len(names)} domains {names}")
+
+
+class Selector:
+    """Plans, sketches and selects each step's batch; framework-neutral.
+
+    Parameters
+    ----------
+    model : the ``nn.Module`` being trained (a Hugging Face causal LM, possibly ZeRO-3
+        partitioned or peft-wrapped). It is sketched unless ``sketch.proxy_model`` names a proxy.
+    cfg : the validated ``"partitionsel"`` block.
+    pool, valid_pool : ``CandidatePool`` of the training and the held-out split.
+    batch_size : the global batch ``k`` (micro batch x accumulation x data-parallel world).
+    pad_token_id : padding id used to collate sequences.
+    group : data-parallel process group (None: the world).
+    """
+
+    def __init__(self, model, cfg: PartitionSelConfig, pool, valid_pool, *, batch_size: int,
+                 pad_token_id: int, group=None):
+        from ds_partitionsel.sketch import GradientSketcher
+
+        check_pools(pool, valid_pool, cfg)
+        self.model, self.cfg, self.pool, self.valid_pool = model, cfg, pool, valid_pool
+        self.pad_token_id = int(pad_token_id)
+        self.group = group
+        initialized = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if initialized else 0
+        self.world = dist.get_world_size(group) if initialized else 1
+        self.batch_size = int(batch_size)
+        if self.batch_size % self.world:
+            raise ConfigError(f"the batch of {self.batch_size} does not divide over {self.world} ranks")
+        self.pool_size = pool_size_for(cfg, self.batch_size)
+        if self.pool_size < self.batch_size:
+            raise ConfigError(f"pool of {self.pool_size} candidates is smaller than the batch of "
+                              f"{self.batch_size}; raise partitionsel.pool_size / pool_factor")
+        if self.pool_size % self.world:
+            raise ConfigError(f"pool size {self.pool_size} must divide evenly over {self.world} ranks "
+                              f"(every rank sketches the same number of candidates in lockstep)")
+        self.sampler = PoolSampler(len(pool), self.pool_size, cfg.seed)
+        sk = cfg.sketch
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        # sketches and target come from the proxy when there is one: the main model only trains
+        self.proxy = self._build_proxy(sk, model)
+        self.scorer = self.proxy.model if self.proxy is not None else model
+        self.sketcher = GradientSketcher(self.scorer, modules=sk.modules, mode=sk.mode,
+                                         kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
+                                         dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
+                                         head_chunk=getattr(sk, "head_chunk", "auto"))
+        self.global_step = 0  # the next step to select; loops keep it in their checkpoints
+        self._target, self._target_key = None, None
+
+    # ------------------------------------------------------------------ the step
+
+    def comm(self, step: int, phase: str = "selection") -> Communicator:
+        """The data-parallel group for the collectives of ``step``: bounded by ``timeout_s``,
+        errors naming the step, on the backend's device."""
+        return Communicator(self.group, self.cfg.timeout_s, f"{phase} step {step}")
+
+    def plan(self, step: int) -> StepPlan:
+        """The step's pool, this rank's shard and the budgets: no model, no communication."""
+        pool_ids = self.sampler.pool(step)
+        b = self.cfg.budget
+        names = self.pool.domain_names
+        counts = torch.bincount(self.pool.domains[pool_ids], minlength=len(names))
+        minority = [names.index(d) for d in b.minority_domains] if b.minority_domains else None
+        budgets = allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
+                                   minority_domains=minority)
+        return StepPlan(step=step, pool_ids=pool_ids, bounds=tuple(shard_bounds(self.pool_size, self.world)),
+                        budgets=budgets, rank=self.rank, world=self.world, batch_size=self.batch_size)
+
+    def select(self, step: int, lr: float, *, with_features: bool = True) -> StepSelection:
+        """Sketch this rank's shard, build the target and select the batch of ``step``.
+
+        lr : the learning rate the step will train with (the utility's eta).
+        with_features : also all-reduce the selected rows' sketches (for metrics such as
+            conflicting pairs); one (k, p) float64 all-reduce.
+        """
+        from ds_partitionsel import distributed
+
+        cfg = self.cfg
+        plan = self.plan(step)
+        lo, hi = plan.shard
+        start = time.perf_counter()
+        t_sketch = t_anchor = 0.0
+        if cfg.method in FEATURELESS:
+            features = torch.zeros(hi - lo, 1)  # no gradients needed
+            target = torch.zeros(1)
+        else:
+            features = self.sketch_records(self.pool, plan.local_ids.tolist())
+            t_sketch = time.perf_counter() - start
+            t1 = time.perf_counter()
+            target = self.validation_target(step)
+            t_anchor = time.perf_counter() - t1
+        sel = distributed.select(
+            cfg.method, features, self.pool.domains[plan.local_ids], target, plan.budgets,
+            lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
+            generator=generator("select", cfg.seed, step), rule=cfg.rule, nonneg=cfg.nonneg,
+            drop_nonfinite=True, step=step, timeout=cfg.timeout_s)
+        dropped = int(sel.info.get("dropped", 0))
+        if dropped:
+            logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
+        picked = sel.indices.tolist()
+        mine = assign_owner_first(picked, list(plan.bounds), plan.share)[self.rank]
+        weight_of = dict(zip(picked, sel.weights.tolist()))
+        selected_features = None
+        if with_features and cfg.method not in FEATURELESS:
+            selected_features = self._gather_rows(step, picked, features, lo, hi)
+        timings = StepTimings(sketch=t_sketch, anchors=t_anchor, solve=sel.info.get("time_solve", 0.0),
+                              comm=sel.info.get("time_comm", 0.0), total=time.perf_counter() - start)
+        self.global_step = step + 1
+        return StepSelection(
+            plan=plan, method=cfg.method, indices=sel.indices, weights=sel.weights,
+            record_ids=plan.pool_ids[sel.indices],
+            my_records=tuple(int(plan.pool_ids[i]) for i in mine),
+            my_weights=tuple(float(weight_of[i]) for i in mine),
+            domain_counts=dict(zip(self.pool.domain_names, sel.domain_counts.tolist())),
+            utility=float(sel.utility), dropped=dropped, mode=sel.info.get("mode", "local"),
+            bytes_sent=int(sel.bytes_sent), timings=timings, selected_features=selected_features)
+
+    def after_step(self, selection: StepSelection) -> Optional[float]:
+        """Train the proxy on the selected batch (``sketch.proxy_train``); its loss or None.
+        The same on every rank: every rank holds the whole batch's record ids."""
+        if self.proxy is None or not self.proxy.train:
+            return None
+        ids = selection.record_ids.tolist()
+        mb = self.cfg.sketch.micro_batch
+        batches = [self.pool.collate(ids[s:s + mb], self.pad_token_id) for s in range(0, len(ids), mb)]
+        return self.proxy.train_on(batches, lambda batch, module: per_sequence_loss(module, batch, self.device))
+
+    # ------------------------------------------------------------------ sketches and target
+
+    def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None) -> torch.Tensor:
+        """Features of records ``ids`` (n, p) on the host, sketched ``sketch.micro_batch`` at a time.
+
+        Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
+        ``lockstep_rows`` pads the work to that many rows with repeats that are discarded.
+        """
+        total = max(len(ids), lockstep_rows or 0)
+        rows = []
+        for work, n_real in lockstep_chunks(ids, total, self.cfg.sketch.micro_batch, ids[0] if ids else 0):
+            rows.append(self._sketch_batch(pool.collate(work, self.pad_token_id))[:n_real])
+        p = self.sketcher.feature_dim
+        return torch.cat(rows) if rows else torch.zeros(0, p)
+
+    def _sketch_batch(self, batch) -> torch.Tensor:
+        dev = self.device
+        try:
+            return self.sketcher.sketch(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                        batch["loss_mask"].to(dev)).float().cpu()
+        except FloatingPointError:
+            # keep the step going: mark the whole chunk non-finite, it is dropped and counted
+            n = batch["input_ids"].shape[0]
+            return torch.full((n, self.sketcher.feature_dim), float("nan"))
+
+    def validation_target(self, step: int) -> torch.Tensor:
+        """Mean sketch of ``validation.anchors`` held-out sequences (p,), all-reduced over ranks;
+        drawn anew every ``refresh_interval`` steps and reused in between."""
+        v = self.cfg.validation
+        key = step // v.refresh_interval
+        if key == self._target_key:
+            return self._target
+        n_valid = len(self.valid_pool)
+        count = min(v.anchors, n_valid)
+        anchors = torch.randperm(n_valid, generator=generator("anchors", self.cfg.seed, key))[:count]
+        mine = anchors[self.rank::self.world].tolist()
+        per_rank = math.ceil(count / self.world)
+        feats = self.sketch_records(self.valid_pool, mine, lockstep_rows=per_rank)
+        feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
+        total = self.comm(step).all_reduce(feats.sum(0), "sum", "all-reduce of the validation target")
+        self._target, self._target_key = total / count, key
+        return self._target
+
+    def _gather_rows(self, step, picked, features, lo, hi) -> torch.Tensor:
+        """The selected rows' features (k, p) float64 on every rank: one all-reduce."""
+        rows = torch.zeros(len(picked), features.shape[1], dtype=torch.float64)
+        for pos, idx in enumerate(picked):
+            if lo <= idx < hi:
+                rows[pos] = features[idx - lo].double()
+        return self.comm(step).all_reduce(rows, "sum", "all-reduce of the selected rows")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model, micro_batch: int, step: int) -> Dict[str, float]:
+        """Held-out loss per domain of ``model`` (mean per-sequence loss) and their mean, over the
+        same ``eval_samples`` held-out records at every call; all-reduced."""
+        n_valid = len(self.valid_pool)
+        limit = self.cfg.eval_samples or n_valid
+        ids = torch.randperm(n_valid, generator=generator("eval", self.cfg.seed))[:limit].sort().values
+        mine = ids[self.rank::self.world].tolist()
+        per_rank = math.ceil(len(ids) / self.world)
+        n_dom = len(self.valid_pool.domain_names)
+        sums = torch.zeros(2, n_dom, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        for work, n_real in lockstep_chunks(mine, per_rank, micro_batch, int(ids[0])):
+            batch = self.valid_pool.collate(work, self.pad_token_id)
+            per_seq, _ = per_sequence_loss(model, batch, self.device)
+            per_seq = per_seq[:n_real].double().cpu()
+            dom = batch["domains"][:n_real]
+            sums[0].index_add_(0, dom, per_seq)
+            sums[1].index_add_(0, dom, torch.ones_like(per_seq))
+        model.train(was_training)
+        sums = self.comm(step, "evaluation").all_reduce(sums, "sum", "all-reduce of the held-out losses")
+        losses = {name: float(sums[0, j] / sums[1, j]) for j, name in enumerate(self.valid_pool.domain_names)
+                  if sums[1, j] > 0}
+        losses["mean"] = sum(losses.values()) / max(len(losses), 1)
+        return losses
+
+    # ------------------------------------------------------------------ proxy
+
+    @staticmethod
+    def _build_proxy(sk, main_module):
+        """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`), or None."""
+        path = getattr(sk, "proxy_model", None)
+        if not path:
+            return None
+        from ds_partitionsel.proxy import ProxyModel, vocab_size
+
+        params = list(main_module.parameters())
+        try:
+            return ProxyModel(path, layers=getattr(sk, "proxy_layers", None),
+                              train=bool(getattr(sk, "proxy_train", False)), lr=getattr(sk, "proxy_lr", 1e-4),
+                              device=params[0].device if params else None, main_vocab=vocab_size(main_module))
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise ConfigError(f"partitionsel.sketch.proxy_model: {e}") from e

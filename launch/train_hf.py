@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Train a Hugging Face causal LM with PartitionSel through ``transformers.Trainer`` and DeepSpeed.
+
+The same flags and outputs as ``launch/train.py`` (which drives the DeepSpeed engine directly):
+
+    torchrun --nproc_per_node 2 launch/train_hf.py --tiny llama --tokenizer T --pool P \
+        --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/x
+    deepspeed --num_gpus 2 launch/train_hf.py ...
+    accelerate launch --multi_gpu --num_processes 2 launch/train_hf.py ...   # also on CPU (gloo)
+
+The Trainer's arguments come from the DeepSpeed config (micro batch, accumulation, learning rate,
+weight decay, gradient clipping, bf16/fp16), so the two entry points train the same way. Writes
+``metrics.jsonl`` (one record per step) and ``summary.json`` into ``--output-dir``, with the
+Trainer's ``checkpoint-N`` folder at the end; ``--resume DIR``
+continues from such a folder (``--resume last``: the newest one in ``--output-dir``).
+"""
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from train import (StepFailed, UsageError, build_model, check_vocabulary,  # noqa: E402
+                   load_config, parse_args, place_monitors, summarize)
+
+from ds_partitionsel.config import ConfigError  # noqa: E402
+from ds_partitionsel.runs import METRICS_LOG, ResumeMismatchError, RunDirError  # noqa: E402
+
+
+def training_arguments(cfg: dict, args, ps_cfg):
+    """``TrainingArguments`` that agree with the DeepSpeed config (HF checks every value it shares
+    with it: a mismatch is an error)."""
+    import transformers
+
+    opt = (cfg.get("optimizer") or {}).get("params", {})
+    lr = args.lr if args.lr is not None else opt.get("lr", 1e-4)
+    kwargs = dict(
+        output_dir=args.output_dir, deepspeed=cfg, max_steps=args.steps,
+        per_device_train_batch_size=int(cfg.get("train_micro_batch_size_per_gpu", 1)),
+        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
+        learning_rate=lr, weight_decay=opt.get("weight_decay", 0.0),
+        max_grad_norm=cfg.get("gradient_clipping", 0.0) or 0.0,
+        bf16=bool((cfg.get("bf16") or {}).get("enabled")), fp16=bool((cfg.get("fp16") or {}).get("enabled")),
+        lr_scheduler_type="constant",  # as the engine without a "scheduler" block; DeepSpeed's wins if given
+        save_strategy="steps", save_steps=max(args.steps, 1), logging_steps=1,
+        report_to=[], disable_tqdm=False, seed=ps_cfg.seed, data_seed=ps_cfg.seed,
+        use_cpu=os.environ.get("DS_ACCELERATOR") == "cpu", dataloader_num_workers=0,
+    )
+    if "betas" in opt:
+        kwargs["adam_beta1"], kwargs["adam_beta2"] = opt["betas"]
+    if "eps" in opt:
+        kwargs["adam_epsilon"] = opt["eps"]
+    return transformers.TrainingArguments(**kwargs)
+
+
+def train(args) -> int:
+    if not args.output_dir:
+        raise UsageError("--output-dir is required: the Trainer writes its checkpoints there")
+    cfg, ps_cfg = load_config(args.deepspeed_config, args)
+    place_monitors(cfg, args.output_dir, args.deepspeed_config)
+    resume = args.resume
+    if resume and resume != "last" and not os.path.isdir(resume):
+        raise UsageError(f"--resume {resume}: no such checkpoint folder")
+    log = os.path.join(args.output_dir, METRICS_LOG)
+    if not resume and os.path.isfile(log) and os.path.getsize(log) > 0:
+        raise RunDirError(f"{log} already holds the log of another run; choose a new --output-dir, or "
+                          f"--resume last to continue that run")
+    if not os.path.isfile(os.path.join(args.pool, "manifest.json")):
+        raise UsageError(f"--pool {args.pool} is not a candidate pool (no manifest.json); build one with "
+                         f"python tools/build_pool.py")
+    import torch
+
+    from ds_partitionsel.data import CandidatePool
+    from ds_partitionsel.hf import PartitionSelTrainer
+    from ds_partitionsel.pool_format import load_tokenizer, read_manifest
+    from ds_partitionsel.records import read_metrics
+
+    from ds_partitionsel.launch_env import init_distributed
+
+    # before the Trainer does it: our timeout for every collective, no shm-op compile on CPU
+    init_distributed(timeout_s=ps_cfg.timeout_s)
+    torch.manual_seed(ps_cfg.seed)
+    tok_path = args.tokenizer or args.model or read_manifest(args.pool)["tokenizer"]["name_or_path"]
+    try:
+        tokenizer = load_tokenizer(tok_path)
+        pool = CandidatePool(args.pool, "train", tokenizer=tokenizer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    valid = CandidatePool(args.pool, "valid")
+    model = build_model(args, tokenizer)
+    check_vocabulary(args.pool, ("train", "valid"), model)
+    targs = training_arguments(cfg, args, ps_cfg)
+    trainer = PartitionSelTrainer(model=model, args=targs, processing_class=tokenizer, candidate_pool=pool,
+                                  valid_pool=valid, resume_allow_changes=args.resume_allow_changes)
+    rank = targs.process_index
+    if resume and rank == 0:
+        print(f"resuming from {resume} (checkpoints are pickles: only load ones you trust)", file=sys.stderr)
+    t0 = time.perf_counter()
+    eval_start = None
+    try:
+        trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        if args.eval_at_end:
+            eval_loss = trainer.evaluate_domains()
+        else:
+            eval_loss = None
+    except (ConfigError, ResumeMismatchError, RunDirError, UsageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the step
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise StepFailed(f"training step {trainer.state.global_step} on rank {rank} failed: "
+                         f"{type(e).__name__}: {first}") from e
+    if rank == 0:
+        steps, _ = read_metrics(args.output_dir)
+        summary = summarize([s.to_json() for s in steps], eval_loss, time.perf_counter() - t0, trainer.selector)
+        summary["eval_loss_start"] = eval_start
+        summary["trainer"] = "transformers.Trainer"
+        print(json.dumps(summary, indent=2))
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ds_partitionsel.launch_env import map_launcher_env
+    from ds_partitionsel.pool_format import PoolFormatError
+
+    map_launcher_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"[rank {rank}] " if world > 1 else ""
+    try:
+        return train(args)
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError) as e:
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except StepFailed as e:
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{where}interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
