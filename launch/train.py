@@ -322,7 +322,9 @@ def train(args) -> int:
         if args.output_dir:
             with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
-    _guarded("the final barrier", torch.distributed.barrier)
+    from ds_partitionsel.collectives import Communicator
+
+    _guarded("the final barrier", lambda: Communicator(None, ps_cfg.timeout_s, "end of training").barrier("barrier"))
     torch.distributed.destroy_process_group()
     return 0
 
