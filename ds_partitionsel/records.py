@@ -31,12 +31,12 @@ class StepRecord:
     pool_size: int
     batch_size: int
     domain_counts: Dict[str, int]
-    selected: List[int]
     utility: float
     dropped: int
     bytes_sent: int
     mode: str
     time_s: Dict[str, float]
+    selected: List[int] = field(default_factory=list)  # record ids; kept logs may leave them out
     conflicting_pairs: Optional[int] = None  # None: not measured this step (or no features)
     proxy_loss: Optional[float] = None
     kind: str = field(default="step", init=False)

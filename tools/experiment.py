@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
+from ds_partitionsel.records import read_metrics  # noqa: E402
 
 METHODS = ("partitionsel", "random", "greats", "greats_domain", "iwd", "gradmatch")
 SELECTION_PHASES = ("sketch", "select")  # time_s keys that selection adds on top of training
@@ -210,17 +211,18 @@ def keep_logs(run_dir: Path, dest: Path) -> None:
 # ----------------------------------------------------------------------------- aggregation
 
 
-def read_jsonl(path: Path) -> list:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_records(path: Path) -> list:
+    """A run's records as plain dicts (``kind`` "step" or "eval"), through the package's one reader."""
+    steps, evals = read_metrics(path)
+    return [r.to_json() for r in steps] + [r.to_json() for r in evals]
 
 
 def run_stats(records: list) -> dict:
     """One run's numbers: last held-out loss per domain, pairs, domain mix, seconds per step."""
-    steps = [r for r in records if "eval_loss" not in r]
-    evals = [r for r in records if "eval_loss" in r]
+    steps = [r for r in records if r["kind"] == "step"]
+    evals = [r for r in records if r["kind"] == "eval"]
     last_eval = max(evals, key=lambda r: r["step"]) if evals else None
-    pairs = [r["conflicting_pairs"] for r in steps if r.get("conflicting_pairs", -1) >= 0]
+    pairs = [r["conflicting_pairs"] for r in steps if r.get("conflicting_pairs") is not None]
     mix = {}
     for r in steps:
         for d, c in r["domain_counts"].items():
@@ -252,7 +254,7 @@ def load_results(root: Path) -> dict:
     for path in sorted((root / "runs").glob("f*/*/seed*/metrics.jsonl")):
         seed_dir = path.parent
         tag, method, seed = seed_dir.parent.parent.name, seed_dir.parent.name, int(seed_dir.name[4:])
-        found.setdefault(tag, {}).setdefault(method, {})[seed] = read_jsonl(path)
+        found.setdefault(tag, {}).setdefault(method, {})[seed] = read_records(path)
     return found
 
 
@@ -260,9 +262,9 @@ def load_untrained(root: Path) -> dict:
     """{seed: held-out loss per domain before training} from ``root/runs/untrained``."""
     out = {}
     for path in sorted((root / "runs" / "untrained").glob("seed*/metrics.jsonl")):
-        evals = [r for r in read_jsonl(path) if "eval_loss" in r]
+        _, evals = read_metrics(path)
         if evals:
-            out[int(path.parent.name[4:])] = evals[-1]["eval_loss"]
+            out[int(path.parent.name[4:])] = evals[-1].eval_loss
     return out
 
 
@@ -371,7 +373,7 @@ def seed_mean_records(per_seed: dict) -> list:
                 vals = [g[key] for g in group if isinstance(g.get(key), (int, float))]
                 if vals:
                     rec[key] = float(np.mean(vals))
-            pairs = [g["conflicting_pairs"] for g in group if g.get("conflicting_pairs", -1) >= 0]
+            pairs = [g["conflicting_pairs"] for g in group if g.get("conflicting_pairs") is not None]
             if pairs:
                 rec["conflicting_pairs"] = float(np.mean(pairs))
             rec["domain_counts"] = {d: float(np.mean([g["domain_counts"].get(d, 0) for g in group]))
