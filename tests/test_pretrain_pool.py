@@ -260,15 +260,21 @@ def megatron(corpus):
 def test_megatron_pool_equals_the_text_pool(corpus, megatron, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    a, b = tmp_path / "megatron", tmp_path / "text"
-    assert run(corpus, a, "--megatron", f"prose={megatron['prose1']}", "--megatron", f"prose={megatron['prose2']}",
-               "--megatron", f"code={megatron['code']}", "--pack", S) == 0
-    # the same documents as text, in the same order per domain
-    docs = [{"text": t, "domain": "code"} for t in megatron["by"]["code"]] + \
-        [{"text": t, "domain": "prose"} for t in megatron["by"]["math"] + megatron["by"]["molecules"]]
-    assert run(corpus, b, "--train", write_jsonl(tmp_path / "t.jsonl", docs), "--text-field", "text", "--pack", S) == 0
+    sources = ["--megatron", f"prose={megatron['prose1']}", "--megatron", f"prose={megatron['prose2']}",
+               "--megatron", f"code={megatron['code']}"]
+    # the same documents as text, in the same order (so the same shards)
+    docs = [{"text": t, "domain": "prose"} for t in megatron["by"]["math"] + megatron["by"]["molecules"]] + \
+        [{"text": t, "domain": "code"} for t in megatron["by"]["code"]]
+    text = write_jsonl(tmp_path / "t.jsonl", docs)
     assert len(docs) == 360
-    assert records(CandidatePool(a)) == records(CandidatePool(b)) == expected_windows(corpus["tokenizer"], docs, S)
+    for shard_docs in (16384, 50):  # one shard; 8 shards, some across two prefixes
+        a, b = tmp_path / f"megatron{shard_docs}", tmp_path / f"text{shard_docs}"
+        assert run(corpus, a, *sources, "--pack", S, "--shard-docs", shard_docs) == 0
+        assert run(corpus, b, "--train", text, "--text-field", "text", "--pack", S, "--shard-docs", shard_docs) == 0
+        assert tree_bytes(a / "train") == tree_bytes(b / "train")
+        want = [w for k in range(0, 360, shard_docs)
+                for w in expected_windows(corpus["tokenizer"], docs[k:k + shard_docs], S)]
+        assert records(CandidatePool(a)) == want and len(want) > 100
     ds = IndexedDataset(megatron["code"])  # what megatron-core reads is what we packed
     assert ds[0].tolist() == corpus["tokenizer"].encode(megatron["by"]["code"][0], add_special_tokens=False)
     src = CandidatePool(a).manifest["splits"]["train"]["sources"]
