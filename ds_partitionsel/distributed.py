@@ -1,4 +1,4 @@
-"""Selection over a candidate pool sharded across data-parallel ranks (DESIGN.md section 4).
+"""Selection over a candidate pool sharded across data-parallel ranks (docs/DISTRIBUTED.md).
 
 Rank ``r`` holds ``n_r`` rows of the global ``(N, p)`` feature matrix; the global pool is the
 rank-major concatenation (rank 0's rows first), so rank ``r``'s rows have global indices
@@ -44,8 +44,8 @@ from typing import Optional
 import torch
 
 from ds_partitionsel.collectives import CollectiveError, Communicator
-from ds_partitionsel.selection import _GREEDY, _dispatch, select as select_single, validate_inputs
-from ds_partitionsel.solver import Selection, _check_budget_fit, _check_rule, rrg_pick, rrg_shortlist
+from ds_partitionsel.selection import GREEDY_METHODS, run_method, select as select_single, validate_inputs
+from ds_partitionsel.solver import Selection, check_budget_fit, check_rule, rrg_pick, rrg_shortlist
 
 __all__ = ["MODES", "CostModel", "CollectiveError", "SelectionDivergence", "check_agreement",
            "select"]
@@ -98,7 +98,7 @@ class CostModel:
         out. ``n_total`` = N, ``n_max`` = max_r n_r, ``itemsize`` of the features.
         """
         hops = max(1, math.ceil(math.log2(world))) if world > 1 else 0
-        if mode == "replicated" or method not in _GREEDY:
+        if mode == "replicated" or method not in GREEDY_METHODS:
             chunk = n_max * (p * itemsize + 8)
             rounds, sent, received = 2, chunk, (world - 1) * chunk
             wire = received
@@ -333,7 +333,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
     try:
         domains, budgets = validate_inputs(method, local_features, local_domains, target,
                                            budgets, lr, ridge)
-        rule = _check_rule(rule, generator)
+        rule = check_rule(rule, generator)
         if method == "random" and not isinstance(generator, torch.Generator):
             raise ValueError("method 'random' needs a seeded torch.Generator, e.g. "
                              "generator=torch.Generator().manual_seed(seed)")
@@ -386,7 +386,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
                     info["estimates"]["replicated"]["seconds"],
                     info["estimates"]["sharded"]["seconds"], n_kept, shape["p"], shape["k"],
                     comm.world)
-    if mode == "sharded" and method not in _GREEDY:
+    if mode == "sharded" and method not in GREEDY_METHODS:
         mode = "replicated"  # these baselines read every row anyway
         info["fallback"] = f"{method!r} has no sharded form; ran replicated"
 
@@ -418,10 +418,10 @@ def _select_sharded(comm, method, features, domains, finite, target, budgets, si
         features, domains = features[keep], domains[keep]
     counts = torch.bincount(domains, minlength=budgets.numel())
     counts = comm.all_reduce(counts, "sum", "all-reduce of the domain counts")
-    used, shortfall = _check_budget_fit(budgets, counts, allow_shortfall)
+    used, shortfall = check_budget_fit(budgets, counts, allow_shortfall)
     chooser = ShardedChooser(comm, kept)
     offset = chooser.offsets[comm.rank]
-    sel = _dispatch(method, features, domains, target, used, lr=lr, ridge=ridge,
+    sel = run_method(method, features, domains, target, used, lr=lr, ridge=ridge,
                     generator=generator, rule=rule, nonneg=nonneg, offset=offset, chooser=chooser)
     sel.shortfall = shortfall
     if dropped:  # kept-pool index -> full-pool index, filled in by each pick's owner

@@ -37,9 +37,6 @@ class PoolSampler:
         self.steps_per_epoch = num_records // pool_size
         self._perm_epoch, self._perm = None, None
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def pool(self, step: int) -> torch.Tensor:
         """Global record ids of step ``step``'s pool, ``(pool_size,)`` int64."""
         epoch, t = divmod(int(step), self.steps_per_epoch)

@@ -20,15 +20,15 @@ from typing import Optional
 
 import torch
 
-from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, _check_budget_fit,
-                                    _check_domains_budgets, _check_finite, _check_rule,
+from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, check_budget_fit,
+                                    check_domains_budgets, check_finite, check_rule,
                                     greedy_select, row_dots)
 
 METHODS = ("partitionsel", "random", "full", "gradnorm", "greats", "greats_domain", "iwd",
            "gradmatch")
 
 # method -> (use domain budgets, weighted refit, block-diagonal Gram)
-_GREEDY = {
+GREEDY_METHODS = {
     "partitionsel": (True, True, False),
     "iwd": (True, True, True),
     "greats": (False, False, False),
@@ -50,12 +50,12 @@ def validate_inputs(method, features, domains, target, budgets, lr, ridge):
             or target.numel() != features.shape[1]:
         raise ValueError(f"target must be the mean validation gradient of shape "
                          f"({features.shape[1]},), got {tuple(getattr(target, 'shape', ()))}")
-    _check_finite("target", target)
+    check_finite("target", target)
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
     if not math.isfinite(ridge) or ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    return _check_domains_budgets(domains, budgets, features.shape[0])
+    return check_domains_budgets(domains, budgets, features.shape[0])
 
 
 def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: torch.Tensor,
@@ -85,7 +85,7 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
     Selection with global indices into ``features``.
     """
     domains, budgets = validate_inputs(method, features, domains, target, budgets, lr, ridge)
-    rule = _check_rule(rule, generator)
+    rule = check_rule(rule, generator)
     n = features.shape[0]
     if n == 0:
         raise ValueError("empty pool: features has no rows")
@@ -101,11 +101,11 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
         features, domains = features[keep], domains[keep]
         allow_shortfall = True
     counts = torch.bincount(domains, minlength=budgets.numel())
-    used, shortfall = _check_budget_fit(budgets, counts, allow_shortfall)
+    used, shortfall = check_budget_fit(budgets, counts, allow_shortfall)
     if method == "random" and not isinstance(generator, torch.Generator):
         raise ValueError("method 'random' needs a seeded torch.Generator, e.g. "
                          "generator=torch.Generator().manual_seed(seed)")
-    result = _dispatch(method, features, domains, target, used, lr=lr, ridge=ridge,
+    result = run_method(method, features, domains, target, used, lr=lr, ridge=ridge,
                        generator=generator, rule=rule, nonneg=nonneg)
     result.shortfall = shortfall
     result.info["dropped"] = dropped
@@ -114,11 +114,11 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
     return result
 
 
-def _dispatch(method, features, domains, target, budgets, *, lr, ridge, generator, rule, nonneg,
+def run_method(method, features, domains, target, budgets, *, lr, ridge, generator, rule, nonneg,
               offset=0, chooser=None):
     k = int(budgets.sum())
-    if method in _GREEDY:
-        per_domain, weighted, block = _GREEDY[method]
+    if method in GREEDY_METHODS:
+        per_domain, weighted, block = GREEDY_METHODS[method]
         lin, terms_lr = None, lr
         if method == "gradmatch":  # match sum_i w_i g_i to v: a = G v, Q = G G^T + ridge I
             lin = row_dots(features.contiguous(), target.to(features.dtype))

@@ -1,6 +1,6 @@
 """Partition-matroid orthogonal matching pursuit: the numerical core of PartitionSel.
 
-Problem (DESIGN.md section 2)::
+Problem (docs/DESIGN.md, "The algorithm")::
 
     maximize   U(w) = <w, a> - 1/2 w^T Q w
     subject to supp(w) ⊆ S,  |S ∩ domain_j| <= b_j  (a partition matroid),  w >= 0
@@ -25,7 +25,7 @@ active-set nonnegative least squares; the PartitionSel paper (ICML 2026) for the
 """
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from ds_partitionsel.budgets import allocate_budgets, rebalance_budgets
 
 __all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets",
            "rebalance_budgets", "greedy_select", "CandidateRows", "GramRows", "FeatureRows",
-           "LocalChooser", "RULES", "row_dots"]
+           "Chooser", "LocalChooser", "RULES", "row_dots", "check_finite", "check_domains_budgets",
+           "check_budget_fit", "check_rule", "rrg_shortlist", "rrg_pick", "top_per_domain"]
 
 RULES = ("greedy", "rrg")
 
@@ -68,7 +69,7 @@ class Selection:
 
 # --------------------------------------------------------------------------- validation
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); drop or repair those candidates "
@@ -86,7 +87,7 @@ def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
         raise ValueError("quadratic must be symmetric (Q == Q^T); symmetrize it, e.g. (Q + Q.T) / 2")
 
 
-def _check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
+def check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
     if not isinstance(domains, torch.Tensor) or domains.dim() != 1:
         raise ValueError(f"domains must be a 1-D integer tensor of length n={n}, got "
                          f"{getattr(domains, 'shape', type(domains))}")
@@ -112,7 +113,7 @@ def _check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int)
     return domains.to(torch.int64), budgets.to(torch.int64)
 
 
-def _check_budget_fit(budgets: torch.Tensor, counts: torch.Tensor, allow_shortfall: bool):
+def check_budget_fit(budgets: torch.Tensor, counts: torch.Tensor, allow_shortfall: bool):
     k, n = int(budgets.sum()), int(counts.sum())
     if k > n:
         raise ValueError(f"budgets sum to k={k}, more than the n={n} candidates in the pool")
@@ -190,20 +191,20 @@ def partition_omp(linear: torch.Tensor, quadratic: torch.Tensor, domains: torch.
                          f"{tuple(getattr(quadratic, 'shape', ()))}")
     if quadratic.shape[0] != n:
         raise ValueError(f"quadratic is {tuple(quadratic.shape)} but linear has n={n} entries")
-    _check_finite("linear", linear)
-    _check_finite("quadratic", quadratic)
+    check_finite("linear", linear)
+    check_finite("quadratic", quadratic)
     _check_symmetric(quadratic)
-    domains, budgets = _check_domains_budgets(domains, budgets, n)
-    rule = _check_rule(rule, generator)
+    domains, budgets = check_domains_budgets(domains, budgets, n)
+    rule = check_rule(rule, generator)
     counts = torch.bincount(domains, minlength=budgets.numel())
-    used, shortfall = _check_budget_fit(budgets, counts, allow_shortfall)
+    used, shortfall = check_budget_fit(budgets, counts, allow_shortfall)
     dtype = torch.promote_types(linear.dtype, quadratic.dtype)
     rows = GramRows(linear.to(dtype), quadratic.to(dtype), domains)
     return greedy_select(rows, used, LocalChooser(), nonneg=nonneg, rule=rule,
                          generator=generator, shortfall=shortfall)
 
 
-def _check_rule(rule: str, generator) -> str:
+def check_rule(rule: str, generator) -> str:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
     if rule == "rrg" and not isinstance(generator, torch.Generator):
@@ -244,6 +245,11 @@ class CandidateRows:
     def diagonal(self) -> torch.Tensor:
         """``diag(Q)`` over the local rows (n,)."""
         raise NotImplementedError
+
+    def data_domains(self, pick_domains: list) -> list:
+        """The data domain of each pick so far, given their budget domains ``pick_domains``
+        (they differ only for rows that run domain-agnostic methods under one budget)."""
+        return pick_domains
 
 
 class GramRows(CandidateRows):
@@ -350,6 +356,9 @@ class FeatureRows(CandidateRows):
     def diagonal(self):
         return (self.lr * self.lr) * self.sqnorm + self.ridge
 
+    def data_domains(self, pick_domains):
+        return list(self._selected_dom)
+
 
 # --------------------------------------------------------------------------- the row kernel
 
@@ -382,6 +391,21 @@ def row_dots(rows: torch.Tensor, vec: Optional[torch.Tensor]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- choosers
 
+class Chooser(Protocol):
+    """How the processes holding the candidate rows agree on the next pick.
+
+    ``choose(values, feasible, rows, remaining, rule, generator) -> (payload, global_index)``:
+    ``values`` (n,) are this process's residuals, ``-inf`` where ``feasible`` (n,) is False;
+    ``remaining`` (D,) the budgets left; the payload is the picked row's
+    :meth:`CandidateRows.pick_payload`, the same on every process. ``bytes_sent`` counts what
+    agreeing cost this process.
+    """
+    bytes_sent: int
+
+    def choose(self, values: torch.Tensor, feasible: torch.Tensor, rows: "CandidateRows",
+               remaining: torch.Tensor, rule: str, generator: Optional[torch.Generator]) -> tuple: ...
+
+
 class LocalChooser:
     """Agrees on the next pick within one process; the distributed layer supplies another.
 
@@ -406,11 +430,11 @@ def rrg_shortlist(values, feasible, domains, remaining):
     Returns ``(values, local_indices, domains)`` of the shortlisted candidates. Every rank can
     shortlist its own rows; the union of all ranks' shortlists contains the global shortlist.
     """
-    idx = feasible.nonzero().flatten()  # ascending, as _top_per_domain needs
-    return _top_per_domain(values[idx], idx, domains[idx], remaining)
+    idx = feasible.nonzero().flatten()  # ascending, as top_per_domain needs
+    return top_per_domain(values[idx], idx, domains[idx], remaining)
 
 
-def _top_per_domain(values, indices, domains, remaining):
+def top_per_domain(values, indices, domains, remaining):
     """Keep the ``remaining[j]`` largest ``values`` of each domain ``j``; ties to the lowest index.
 
     ``indices`` must be ascending. Returns ``(values, indices, domains)`` of the kept candidates,
@@ -432,7 +456,7 @@ def rrg_pick(values, indices, domains, remaining, generator) -> int:
     index, and one is drawn with ``generator``. The result does not depend on the input order.
     """
     order = torch.argsort(indices)  # canonical order, whatever order the ranks sent
-    _, kept, _ = _top_per_domain(values[order], indices[order], domains[order], remaining)
+    _, kept, _ = top_per_domain(values[order], indices[order], domains[order], remaining)
     shortlist = torch.sort(kept).values
     draw = int(torch.randint(shortlist.numel(), (1,), generator=generator))
     return int(shortlist[draw])
@@ -620,7 +644,7 @@ class _Refit:
 
 # --------------------------------------------------------------------------- the loop
 
-def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg: bool = True,
+def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, *, nonneg: bool = True,
                   rule: str = "greedy", generator: Optional[torch.Generator] = None,
                   unit_weights: bool = False, shortfall: Optional[torch.Tensor] = None,
                   method: str = "partitionsel") -> Selection:
@@ -664,7 +688,7 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser, *, nonneg
         refit.add(a_j, q_sel, q_jj)
 
     indices = torch.tensor(picks, dtype=torch.int64)
-    data_dom = getattr(rows, "_selected_dom", pick_dom)
+    data_dom = rows.data_domains(pick_dom)
     dom_t = torch.tensor(data_dom, dtype=torch.int64)
     n_dom = max(budgets.numel(), int(dom_t.max()) + 1 if len(data_dom) else 0)
     return Selection(

@@ -43,7 +43,6 @@ from ds_partitionsel.launch_env import free_port  # noqa: E402
 from ds_partitionsel.records import read_metrics  # noqa: E402
 
 METHODS = ("partitionsel", "random", "greats", "greats_domain", "iwd", "gradmatch")
-SELECTION_PHASES = ("sketch", "select")  # time_s keys that selection adds on top of training
 
 
 def parse_args(argv=None):
