@@ -289,7 +289,7 @@ class ShardBuilder:
         self.streams = {s: {} for s in splits}  # packing: split -> domain -> [document ids]
         self.pending = []                       # text waiting for one batched encode: (text, domain, split)
         self.pending_chars = 0
-        self.errors, self.dropped_no_response = [], 0
+        self.errors, self.dropped_no_response = [], {s: 0 for s in splits}  # per output split
         self.encode = pf.batch_encoder(plan.tokenizer) if plan.mode == "text" else None
 
     def split_of(self, content: bytes) -> str:
@@ -325,7 +325,7 @@ class ShardBuilder:
         cut = len(ids) > plan.max_length
         ids, mask = ids[:plan.max_length], mask[:plan.max_length]
         if not any(mask):
-            self.dropped_no_response += 1
+            self.dropped_no_response[split] += 1
             return
         self.buffers[split].add(np.asarray(ids), np.asarray(mask, dtype=np.bool_), domain, cut)
 
@@ -380,7 +380,8 @@ def build_shard(plan: Plan, group: int, shard: int, staging: Path, progress) -> 
                 except BadRecord as e:
                     builder.errors.append([group, base + unit, e.reason, str(e)])
                     if not plan.skip_bad:
-                        return {"group": group, "shard": shard, "errors": builder.errors, "entries": {}}
+                        return {"group": group, "shard": shard, "errors": builder.errors, "entries": {},
+                                "dropped_no_response": builder.dropped_no_response}
         base += src.num_units
     entries = {}
     for split, buf in builder.finish().items():
@@ -528,8 +529,8 @@ def build(args, comm) -> int:
         # 2. every rank builds its shards (r, r + size, ...) and writes their files
         mine = plan.work()[rank::size]
         metas, err = [], None
-        total = sum(max(0, min(plan.shard_docs, sum(s.num_units for s in plan.groups[g]["sources"]) - k * plan.shard_docs))
-                    for g, k in mine)
+        units = [sum(s.num_units for s in grp["sources"]) for grp in plan.groups]
+        total = sum(max(0, min(plan.shard_docs, units[g] - k * plan.shard_docs)) for g, k in mine)
         desc = "documents" if size == 1 else f"documents (rank 0 of {size})"
         with tqdm(total=total, desc=desc, unit="doc", disable=args.quiet or rank != 0, file=sys.stderr) as bar:
             for g, k in mine:
@@ -629,8 +630,8 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
             "held_out": ("valid_fraction" if split == "valid" else "rest after valid_fraction")
             if plan.valid_fraction else None,
             "skipped_bad": skipped_counts(shard_errors) if split == grp["splits"][0] else {},
-            "dropped_no_response_after_truncation": sum(m.get("dropped_no_response", 0) for m in s["metas"])
-            if split == grp["splits"][0] else 0,
+            "dropped_no_response_after_truncation": sum(m["dropped_no_response"].get(split, 0)
+                                                        for m in s["metas"]),
         }
     with open(staging / pf.MANIFEST, "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     for size in sorted(args.sizes_mb):
         print(f"[{size:g} MB] writing the corpus ...", file=sys.stderr, flush=True)
         corpus = make_corpus(work / f"corpus_{size:g}mb.jsonl", size, docs)
-        print(f"[{size:g} MB] tokenizer baseline on {min(size, args.baseline_mb):g} MB ...", file=sys.stderr, flush=True)
+        print(f"[{size:g} MB] tokenizer baseline on {min(size, args.baseline_mb):g} MB ...", file=sys.stderr,
+              flush=True)
         base = tokenizer_throughput(args.tokenizer, corpus, args.baseline_mb)
         print(f"[{size:g} MB] build_pool with {args.workers} worker(s) ...", file=sys.stderr, flush=True)
         pool = work / f"pool_{size:g}mb"
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
                "throughput_ratio": build["tokens_per_s_per_worker"] / base["tokens_per_s"]}
         rows.append(row)
         print(f"[{size:g} MB] {build['tokens']} tokens in {build['seconds']:.1f} s, "
-              f"ratio {row['throughput_ratio']:.2f}, peak RSS {build['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+              f"ratio {row['throughput_ratio']:.2f}, peak RSS {build['peak_rss_mb']:.0f} MB", file=sys.stderr,
+              flush=True)
     rss_ratio = rows[-1]["build"]["peak_rss_mb"] / rows[0]["build"]["peak_rss_mb"] if len(rows) > 1 else None
     head = (f"{'corpus':>8s} {'docs':>9s} {'tokens':>12s} {'shards':>6s} {'build s':>8s} {'build tok/s/w':>13s} "
             f"{'tokenizer tok/s':>15s} {'ratio':>6s} {'peak RSS MB':>11s}")
