@@ -521,9 +521,17 @@ def build(args, comm) -> int:
     if not _all_ok(comm, err is None):
         return EXIT_BUILD_ERROR
     info = pf.tokenizer_info(tokenizer, args.tokenizer)
-    staging = pf.make_staging(out) if rank == 0 else None
+    staging = None
+    if rank == 0:
+        try:
+            staging = pf.make_staging(out)
+        except OSError as e:
+            fail(f"cannot create a staging directory next to {out}: {e}")
+    shared = _bcast_json(comm, str(staging) if staging else None)
+    if shared is None:
+        return EXIT_BUILD_ERROR
     try:
-        staging = Path(_bcast_json(comm, str(staging) if staging else None))
+        staging = Path(shared)
         clock["setup"] = time.perf_counter()
 
         # 2. every rank builds its shards (r, r + size, ...) and writes their files
@@ -536,8 +544,11 @@ def build(args, comm) -> int:
             for g, k in mine:
                 try:
                     meta = build_shard(plan, g, k, staging, bar)
-                except (BuildError, OSError) as e:
+                except BuildError as e:
                     err = str(e)
+                    break
+                except Exception as e:  # noqa: BLE001 - reported, so that every rank still reaches the gather
+                    err = f"shard {k} of {[src.path for src in plan.groups[g]['sources']]}: {type(e).__name__}: {e}"
                     break
                 metas.append(meta)
                 if meta["errors"] and not plan.skip_bad:
