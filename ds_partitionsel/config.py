@@ -21,8 +21,10 @@ that key, so ``use_weights=False`` is the boolean ``False``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 from typing import Any, List, Literal, Optional, Tuple, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +108,15 @@ class SketchConfig(_Block):
     normalize: bool = True
     micro_batch: int = Field(8, json_schema_extra=_expects("a positive integer (sequences per sketch "
                                                             "forward/backward)"))
+    head_chunk: Union[int, Literal["auto"], None] = Field(
+        "auto", json_schema_extra=_expects('"auto", null (all positions at once) or a positive integer '
+                                           "(label positions per chunk of the output head)"))
+    proxy_model: Optional[str] = Field(None, json_schema_extra=_expects(
+        "null or the path of a local Hugging Face model folder that sketches in place of the trained model"))
+    proxy_layers: Optional[int] = Field(None, json_schema_extra=_expects(
+        "null (all) or a positive integer (blocks of the proxy model kept)"))
+    proxy_train: bool = False
+    proxy_lr: float = Field(1e-4, json_schema_extra=_expects("a finite number > 0 (the proxy's learning rate)"))
 
     @field_validator("modules")
     @classmethod
@@ -122,10 +133,27 @@ class SketchConfig(_Block):
             raise PydanticCustomError("partitionsel", "bad kron_dims")
         return v
 
-    @field_validator("dim", "micro_batch")
+    @field_validator("dim", "micro_batch", "proxy_layers")
     @classmethod
     def _positive(cls, v):
         return _positive(v)
+
+    @field_validator("head_chunk")
+    @classmethod
+    def _head_chunk(cls, v):
+        return v if v == "auto" else _positive(v)
+
+    @field_validator("proxy_model", mode="before")
+    @classmethod
+    def _path(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @field_validator("proxy_lr")
+    @classmethod
+    def _proxy_lr(cls, v):
+        if not math.isfinite(v) or v <= 0:
+            raise PydanticCustomError("partitionsel", "bad lr")
+        return v
 
 
 class ValidationConfig(_Block):
@@ -417,3 +445,29 @@ def check_pool_fit(cfg: PartitionSelConfig, batch_size: int, world: int, num_rec
         raise ConfigError(f"the training split holds {num_records} records, fewer than one pool of "
                           f"{pool_size}; lower pool_factor / the batch size or add data")
     return pool_size
+
+
+def check_deepspeed_config(ds_config: dict, world: int) -> None:
+    """DeepSpeed's own validation of its blocks (its pydantic models) and of the optimizer name,
+    without building an engine or a process group; a rejection becomes one :class:`ConfigError`
+    naming the key. The batch sizes are checked by :func:`train_batch_size` for ``world`` ranks
+    (DeepSpeed's check would assume the world size of an uninitialized process group, 1)."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
+
+    train_batch_size(ds_config, world)
+    probe = {k: copy.deepcopy(v) for k, v in ds_config.items()
+             if k not in ("train_batch_size", "gradient_accumulation_steps", "partitionsel")}
+    probe["train_micro_batch_size_per_gpu"] = 1
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as e:
+        what = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}, got {err.get('input')!r}"
+                         for err in e.errors(include_url=False))
+        raise ConfigError(f"DeepSpeed rejects its config ({e.title}): {what}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"DeepSpeed rejects its config: {e}") from None
+    name = (ds_config.get("optimizer") or {}).get("type")
+    if isinstance(name, str) and name.lower() not in DEEPSPEED_OPTIMIZERS and getattr(torch.optim, name, None) is None:
+        raise ConfigError(f"optimizer.type {name!r} is neither a DeepSpeed optimizer "
+                          f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class")

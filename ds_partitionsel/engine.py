@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ds_partitionsel.budgets import allocate_budgets
-from ds_partitionsel.config import ConfigError, PartitionSelConfig, check_pool_fit, train_batch_size
+from ds_partitionsel.config import (ConfigError, PartitionSelConfig, check_deepspeed_config, check_pool_fit,
+                                    train_batch_size)
 from ds_partitionsel.metrics import conflicting_pairs
 from ds_partitionsel.runs import (check_resume, check_run_dir, open_metrics_log, read_resume_record,
                                   resume_record, write_resume_record)
@@ -76,6 +77,7 @@ def initialize(model, config, pool, valid_pool, *, optimizer=None, model_paramet
     import deepspeed
 
     ds_config, cfg = _split_config(config)
+    check_deepspeed_config(ds_config, dist.get_world_size() if dist.is_initialized() else 1)
     if pad_token_id is None and tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:

@@ -24,7 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override  # noqa: E402
+from ds_partitionsel.config import (ConfigError, PartitionSelConfig, apply_override,  # noqa: E402
+                                    check_deepspeed_config)
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
@@ -113,7 +114,9 @@ def load_config(path, args):
         block["seed"] = args.seed
     for item in args.set:
         apply_override(block, item)
-    return cfg, PartitionSelConfig.from_dict(block)
+    ps_cfg = PartitionSelConfig.from_dict(block)
+    check_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg, ps_cfg
 
 
 def place_monitors(cfg, output_dir, config_path):

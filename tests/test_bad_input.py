@@ -216,6 +216,13 @@ TRAIN_CASES = {
     "not a pool": (["--pool", "{tmp}"], r"--pool .* is not a candidate pool \(no manifest.json\)"),
     "missing tokenizer": (["--tokenizer", "{tmp}/no_tokenizer"], r"tokenizer path .*no_tokenizer.* does not exist"),
     "model folder without config": (["--model", "{tmp}"], r"--model .* is not a Hugging Face model folder"),
+    "DeepSpeed zero stage 9": (["--ds", '{"zero_optimization": {"stage": 9}}'],
+                               r"DeepSpeed rejects its config \(DeepSpeedZeroConfig\): stage: Input should be 0, 1, 2, 3"),
+    "DeepSpeed key typo": (["--ds", '{"zero_optimization": {"stagee": 2}}'], r"stagee: Extra inputs are not permitted"),
+    "unknown optimizer": (["--ds", '{"optimizer": {"type": "Adamm"}}'],
+                          r"optimizer.type 'Adamm' is neither a DeepSpeed optimizer \(.*adamw.*\) nor a torch.optim class"),
+    "batch sizes disagree": (["--ds", '{"train_batch_size": 8, "gradient_accumulation_steps": 2}'],
+                             r"train_batch_size 8 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x 1 rank"),
 }
 
 
@@ -226,6 +233,11 @@ def test_train_user_errors_end_in_one_line(case, real, tmp_path, capsys, single_
     monitor = "--monitor" in extra
     extra = [e for e in extra if e != "--monitor"]
     cfg = ds_config(tmp_path / "ds.json", monitor=monitor)
+    if "--ds" in extra:  # merge into the DeepSpeed part of the config
+        i = extra.index("--ds")
+        merged = {**json.loads(cfg.read_text()), **json.loads(extra[i + 1])}
+        cfg.write_text(json.dumps(merged))
+        del extra[i:i + 2]
     args = _tiny_args(real, cfg, "--steps", "1")
     if "--model" in extra:  # --model and --tiny exclude each other
         args = args[2:]
