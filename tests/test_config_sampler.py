@@ -36,6 +36,36 @@ def test_bad_config_is_rejected_with_a_message_that_names_the_key(block, message
         PartitionSelConfig.from_dict(block)
 
 
+def test_values_keep_their_json_types_and_overrides_parse_with_the_key_type():
+    from ds_partitionsel.config import apply_override, config_differences
+
+    block = {}
+    for item in ["use_weights=False", "nonneg=true", "seed=9", "sketch.mode=kron", "sketch.kron_dims=[4, 8]",
+                 'budget.minority_domains=["code"]', "budget.strategy=minority_full", "ridge=0.5"]:
+        apply_override(block, item)
+    cfg = PartitionSelConfig.from_dict(block)
+    assert cfg.use_weights is False and cfg.nonneg is True and cfg.seed == 9 and cfg.ridge == 0.5
+    assert cfg.sketch.mode == "kron" and cfg.sketch.kron_dims == [4, 8]
+    assert cfg.budget.minority_domains == ["code"]
+    # the resume comparison names dotted keys and ignores logging / timeout keys
+    other = PartitionSelConfig.from_dict({**block, "seed": 10, "timeout_s": 5.0, "eval_interval": 3})
+    assert config_differences(cfg.to_dict(), other.to_dict()) == ["seed: 9 -> 10"]
+
+
+def test_sketch_proxy_and_head_chunk_keys_are_typed():
+    from pathlib import Path
+
+    cfg = PartitionSelConfig.from_dict({"sketch": {"proxy_model": Path("/models/small"), "proxy_layers": 2,
+                                                   "proxy_train": True, "proxy_lr": 0.01, "head_chunk": 64}})
+    assert cfg.sketch.proxy_model == "/models/small" and cfg.sketch.head_chunk == 64
+    assert PartitionSelConfig.from_dict({}).sketch.head_chunk == "auto"
+    for block, message in [({"head_chunk": 0}, "sketch.head_chunk must be"), ({"proxy_lr": -1.0}, "proxy_lr"),
+                           ({"proxy_train": "yes"}, "proxy_train must be true or false"),
+                           ({"proxy_layers": 1.5}, "proxy_layers")]:
+        with pytest.raises(ConfigError, match=message):
+            PartitionSelConfig.from_dict({"sketch": block})
+
+
 def test_pools_are_a_function_of_seed_and_step_only():
     a, b = PoolSampler(1000, 64, seed=3), PoolSampler(1000, 64, seed=3)
     steps = [0, 5, 15, 16, 40, 7]
