@@ -487,3 +487,22 @@ def test_reader_checks_every_shard_and_reads_version_1_pools(corpus, tmp_path):
     m["format_version"] = 1
     (one / "manifest.json").write_text(json.dumps(m))
     assert records(CandidatePool(one, verify=True)) == records(CandidatePool(many))
+
+
+def test_sigterm_during_a_build_leaves_nothing(corpus, tmp_path):
+    import time
+
+    big = write_jsonl(tmp_path / "big.jsonl", corpus["train_docs"] * 150)  # ~11k documents
+    out = tmp_path / "pool"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "build_pool.py"), "--tokenizer", str(corpus["tok"]),
+                             "--train", str(big), "--text-field", "text", "--pack", str(S), "--shard-docs", "500",
+                             "--out", str(out), "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (list(tmp_path.glob(".pool.tmp-*/train/shard-00000")) or proc.poll() is not None):
+        assert time.time() < deadline, "the build never started writing"
+        time.sleep(0.05)
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + 15, proc.stderr.read()[-2000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -102,8 +103,15 @@ def parse_args(argv=None):
     return args
 
 
+def _exit_on_sigterm(signum, frame):
+    # turn SIGTERM into SystemExit so the staging directory is removed on the way out
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return build(args, get_comm())
