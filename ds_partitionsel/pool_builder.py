@@ -400,9 +400,9 @@ def get_comm():
     launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
     if not launched:
         return None
-    from mpi4py import MPI
+    from ds_partitionsel.extras import require
 
-    return MPI.COMM_WORLD
+    return require("mpi4py.MPI", "a build under an MPI launcher").COMM_WORLD
 
 
 def _wait(request, poll_s: float = 0.005) -> None:

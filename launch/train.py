@@ -208,7 +208,10 @@ def build_model(args, tokenizer):
             model.model.layers = blocks[: args.num_layers]
             model.config.num_hidden_layers = args.num_layers
     if args.lora:
-        from peft import LoraConfig, get_peft_model
+        from ds_partitionsel.extras import require
+
+        peft = require("peft", "--lora")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
         n = model.config.num_hidden_layers
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     where = f"[rank {rank}] " if world > 1 else ""
     try:
         return train(args)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError) as e:
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     except StepFailed as e:

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     where = f"[rank {rank}] " if world > 1 else ""
     try:
         return train(args)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError) as e:
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     except StepFailed as e:

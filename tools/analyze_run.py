@@ -165,8 +165,9 @@ def domain_shares(records, names):
 
 
 def _figure(n_panels=1, width=6.5, height=3.6):
-    import matplotlib
+    from ds_partitionsel.extras import require
 
+    matplotlib = require("matplotlib", "plotting a run")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

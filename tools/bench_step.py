@@ -76,7 +76,10 @@ def worker(args):
             model.model.layers = model.model.layers[: args.num_layers]
             model.config.num_hidden_layers = args.num_layers
         if args.lora:  # as launch/train.py --lora: rank-16 adapters on the last 3 blocks
-            from peft import LoraConfig, get_peft_model
+            from ds_partitionsel.extras import require
+
+            peft = require("peft", "--lora")
+            LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
             n = model.config.num_hidden_layers
             model = get_peft_model(model, LoraConfig(

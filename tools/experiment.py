@@ -385,8 +385,9 @@ def seed_mean_records(per_seed: dict) -> list:
 def plot_eval_change(methods: dict, untrained: dict, path: Path):
     """Held-out mean loss minus the untrained model's on the same seed, mean ± std over seeds,
     per eval step and method: the eval-subset offset of each seed cancels."""
-    import matplotlib
+    from ds_partitionsel.extras import require
 
+    matplotlib = require("matplotlib", "the experiment's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
