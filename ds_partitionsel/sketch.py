@@ -48,12 +48,12 @@ So the head's input is captured (the head itself runs on an empty slice), and
 this gradient, keeping only ``(M,)`` NLLs and the ``(M, d_model)`` gradients; the backward
 scales those by the upstream gradient. Peak memory is ``head_chunk x vocab`` logits instead of
 ``n x T x vocab`` (and the same again for their gradient and log-softmax), with the same two
-head matmuls as autograd would do. Heads that transform their logits further (soft-capping,
+head matmuls as autograd would do. It runs in the head's forward hook, while the forward has the
+weight (gathered by ZeRO-3, which costs no extra gather). Heads that transform their logits further (soft-capping,
 logit scales), a peft-wrapped head, or a hooked head use the full logits instead.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import re
@@ -333,6 +333,18 @@ class _Capture:
     outputs: List[torch.Tensor] = field(default_factory=list)  # (n, T, d_out), in the graph
 
 
+@dataclass
+class _HeadTap:
+    """The chunked head during one forward: which positions it scores, and what came out."""
+
+    rows: Optional[torch.Tensor] = None     # (M,) label positions: row i ...
+    cols: Optional[torch.Tensor] = None     # (M,) ... and column j of the predictor positions
+    targets: Optional[torch.Tensor] = None  # (M,) the token ids they predict
+    predictors: Optional[torch.Tensor] = None  # (K,) set when the head sees all T positions
+    nll: Optional[torch.Tensor] = None      # (M,) float32, in the graph
+    calls: int = 0
+
+
 @dataclass(frozen=True)
 class SketchBlock:
     """One module's slice of the feature vector before the optional ``dim`` projection."""
@@ -594,7 +606,7 @@ class GradientSketcher:
         """Write the batch's features into ``out`` ``(n, p)`` (zeros on entry); return its losses."""
         model = self.model
         captures = {name: _Capture() for name in self.module_names}
-        head_inputs: List[torch.Tensor] = []
+        tap = _HeadTap()
         handles = []
         training = [(m, m.training) for m in model.modules()]
         grad_mode = torch.is_grad_enabled()
@@ -603,15 +615,17 @@ class GradientSketcher:
                 handles.append(module.register_forward_pre_hook(self._pre_hook))
                 handles.append(module.register_forward_hook(self._make_hook(name, captures[name])))
             if self._head is not None:
-                # prepended: ZeRO-3's own pre-hook wraps the input for the head's backward,
-                # which never runs (the head is bypassed); take the hidden state before that
-                handles.append(self._head.register_forward_pre_hook(
-                    self._make_head_hook(head_inputs), prepend=True))
+                # Both prepended. ZeRO-3's own pre-hook wraps the head's input for a backward of
+                # the head that never runs (the head is bypassed): take the hidden state before
+                # that. ZeRO-3's own forward hook releases the gathered weight: use it before.
+                pre_hook, hook = self._make_head_hooks(tap)
+                handles.append(self._head.register_forward_pre_hook(pre_hook, prepend=True))
+                handles.append(self._head.register_forward_hook(hook, prepend=True))
             model.eval()
             torch.set_grad_enabled(False)  # a pre-hook turns it on at the first hooked module
             # named ranges: torch.profiler tables (tools/bench_*.py --profile) show the phases
             with record_function("sketch.forward"):
-                losses = self._forward_losses(input_ids, attention_mask, labels, head_inputs)
+                losses = self._forward_losses(input_ids, attention_mask, labels, tap)
             torch.set_grad_enabled(True)
             missing = [n for n, c in captures.items() if not c.outputs]
             if missing:
@@ -678,19 +692,32 @@ class GradientSketcher:
 
         return hook
 
-    def _make_head_hook(self, head_inputs: List[torch.Tensor]):
-        def hook(mod, args):
-            if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                raise RuntimeError("the output head was not called with one hidden-state tensor; "
-                                   "use GradientSketcher(head_chunk=None) for this model")
-            head_inputs.append(args[0])
-            # the head runs on an empty slice: the logits are computed by label_nll, in chunks
+    def _make_head_hooks(self, tap: _HeadTap):
+        """The head's (pre-hook, hook): the head runs on an empty slice, :func:`label_nll` on the
+        ``M`` label positions' hidden states, with the head's weight as the forward has it (whole,
+        also under ZeRO-3, which gathers it for the head's forward)."""
+        def pre_hook(mod, args):
+            if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+                raise RuntimeError("the output head was not called with one (n, T, d) hidden-state "
+                                   "tensor; use GradientSketcher(head_chunk=None) for this model")
+            tap.calls += 1
+            hidden = args[0]  # (n, K, d) with logits_to_keep, else (n, T, d)
+            if tap.predictors is not None:
+                hidden = hidden[:, tap.predictors]
+            if not hidden.requires_grad:
+                raise RuntimeError("the logits do not depend on the hooked modules' outputs; "
+                                   "choose modules that the model uses before its output head")
+            tap.hidden = hidden[tap.rows, tap.cols]  # (M, d)
             return (args[0][..., :0, :],)
 
-        return hook
+        def hook(mod, args, output):
+            with record_function("sketch.head"):
+                tap.nll = label_nll(tap.hidden, mod.weight, mod.bias, tap.targets, self.head_chunk)
+            tap.hidden = None
 
-    def _forward_losses(self, input_ids, attention_mask, labels,
-                        head_inputs: List[torch.Tensor]) -> torch.Tensor:
+        return pre_hook, hook
+
+    def _forward_losses(self, input_ids, attention_mask, labels, tap: _HeadTap) -> torch.Tensor:
         """Per-sample mean label NLL ``(n,)``, float32, with a graph from the hooked layers."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         supported = self._forward_kwargs
@@ -703,9 +730,19 @@ class GradientSketcher:
         predictors = labels[:, 1:].any(0).nonzero().flatten()
         if "logits_to_keep" in supported:
             kwargs["logits_to_keep"] = predictors
+        if self._head is not None:
+            is_label = labels[:, predictors + 1]                 # (n, K)
+            tap.rows, tap.cols = is_label.nonzero(as_tuple=True)  # the M label positions
+            tap.targets = input_ids[tap.rows, predictors[tap.cols] + 1]
+            tap.predictors = None if "logits_to_keep" in supported else predictors
         logits = self.model(**kwargs).logits
         if self._head is not None:
-            return self._chunked_head_losses(input_ids, labels, predictors, head_inputs, supported)
+            if tap.calls != 1:
+                raise RuntimeError(f"the output head ran {tap.calls} times in one forward; "
+                                   f"use GradientSketcher(head_chunk=None) for this model")
+            weights = 1.0 / is_label.sum(1).clamp(min=1).to(torch.float32)
+            losses = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+            return losses.index_add(0, tap.rows, tap.nll * weights[tap.rows])
         if "logits_to_keep" not in supported:
             logits = logits[:, predictors]
         if not logits.requires_grad:
@@ -719,42 +756,6 @@ class GradientSketcher:
                               reduction="none").view_as(weights)
         # where(), not multiply: a masked position must not turn NaN into the loss
         return torch.where(weights > 0, nll * weights, torch.zeros_like(nll)).sum(1)
-
-    def _chunked_head_losses(self, input_ids, labels, predictors, head_inputs, supported) -> torch.Tensor:
-        """``L_i`` from the head's captured input: :func:`label_nll` at the ``M`` label positions."""
-        if len(head_inputs) != 1:
-            raise RuntimeError(f"the output head ran {len(head_inputs)} times in one forward; "
-                               f"use GradientSketcher(head_chunk=None) for this model")
-        hidden = head_inputs.pop()  # (n, K, d) with logits_to_keep, else (n, T, d)
-        if "logits_to_keep" not in supported:
-            hidden = hidden[:, predictors]
-        if not hidden.requires_grad:
-            raise RuntimeError("the logits do not depend on the hooked modules' outputs; "
-                               "choose modules that the model uses before its output head")
-        is_label = labels[:, predictors + 1]                    # (n, K)
-        rows, cols = is_label.nonzero(as_tuple=True)            # the M label positions
-        targets = input_ids[rows, predictors[cols] + 1]
-        weights = 1.0 / is_label.sum(1).clamp(min=1).to(torch.float32)
-        with self._gathered_head() as (weight, bias), record_function("sketch.head"):
-            nll = label_nll(hidden[rows, cols], weight, bias, targets, self.head_chunk)
-        losses = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        return losses.index_add(0, rows, nll * weights[rows])
-
-    @contextlib.contextmanager
-    def _gathered_head(self):
-        """``(weight, bias)`` of the head, whole: gathered for the duration under ZeRO-3.
-
-        Entered after the model's forward: ZeRO-3 would re-partition a (tied) weight that the
-        forward uses after gathering it. Every rank enters it the same number of times.
-        """
-        params = [p for p in (self._head.weight, self._head.bias) if p is not None]
-        if any(hasattr(p, "ds_id") for p in params):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield self._head.weight, self._head.bias
-        else:
-            yield self._head.weight, self._head.bias
 
     def _reduce_module(self, block: SketchBlock, cap: _Capture, deltas, real) -> torch.Tensor:
         """``(n, block.width)``: the module's weight (and bias) gradient sketch, summed over calls."""
