@@ -10,14 +10,16 @@ AdamW (``sketch.proxy_train``). Every step of ``--steps``, on the demo pool:
    held-out records (its target), and selects ``k = pool_size / pool_factor`` with PartitionSel
    (greedy, proportional budgets, ``lr``): the reference choice ``S_main``;
 2. each proxy does the same with its own sketches and target: ``S_proxy``;
-3. both are judged on the main model's terms, with unit weights (the engine trains unweighted by
-   default): ``U_main(S) = <1, a> - 1/2 1^T Q 1`` with the main model's ``a, Q``
-   (:func:`ds_partitionsel.selection.selection_utility`), also for a random feasible choice
-   ``S_rand`` (the ``random`` method: ``k`` uniformly). Reported: ``utility_ratio = U_main(S_proxy) / U_main(S_main)``,
-   ``gain_ratio = (U_main(S_proxy) - U_main(S_rand)) / (U_main(S_main) - U_main(S_rand))`` (1: as
-   good as the main model's own choice, 0: no better than random), ``overlap = |S_proxy ∩
-   S_main| / k`` (random: ``k / n`` in expectation), and the sketch time ratio proxy / main
-   (pool + anchors, same process, same threads);
+3. both are judged on the main model's terms ``a, Q`` (:mod:`ds_partitionsel.solver`): the
+   set's utility at its best nonnegative weights, ``U*(S) = max_{w >= 0} <w, a_S> - 1/2 w^T Q_SS w``
+   (what the greedy maximizes: how much of the validation gradient the set's gradients
+   reach), also for the ``random`` method's choice ``S_rand`` (``k`` uniformly, mean of 16
+   draws). Reported: ``utility_ratio = U*(S_proxy) / U*(S_main)`` beside
+   ``random_utility_ratio = U*(S_rand) / U*(S_main)``, ``gain_ratio = (U*(S_proxy) - U*(S_rand)) /
+   (U*(S_main) - U*(S_rand))`` (1: as good as the main model's own choice, 0: no better than
+   random), ``utility_ratio_unit`` (the same ratio with unit weights, as the engine trains by
+   default), ``overlap = |S_proxy ∩ S_main| / k`` (random: ``k / n`` in expectation), and the
+   sketch time ratio proxy / main (pool + anchors, same process, same threads);
 4. ``--train-steps`` of those steps then train: the main model (AdamW, ``--lr``) on the trained
    proxy's choice, as a proxy run would, and the trained proxy on the same batch.
 
@@ -60,6 +62,28 @@ def score(sketcher, pool, valid, pool_ids, anchor_ids, pad, batch):
     return feats, target, time.perf_counter() - t0
 
 
+def best_utility(features, target, indices, lr, ridge=0.0):
+    """``U*(S) = max_{w >= 0} <w, a_S> - 1/2 w^T Q_SS w`` on the rows ``indices``, float64.
+
+    As a nonnegative least squares problem: with ``Q_SS = R^T R`` (Cholesky), the objective is
+    ``-1/2 ||R w - R^{-T} a_S||^2`` plus a constant, so ``w* = nnls(R, R^{-T} a_S)``.
+    """
+    import numpy as np
+    import torch
+    from scipy.optimize import nnls
+
+    from ds_partitionsel.selection import selection_utility
+
+    g = features[indices].double()
+    gram = g @ g.T
+    a = lr * (g @ target.double()) + 0.5 * lr * lr * torch.diagonal(gram)
+    q = lr * lr * gram + ridge * torch.eye(len(indices), dtype=torch.float64)
+    q = q + 1e-12 * float(torch.diagonal(q).mean()) * torch.eye(len(indices), dtype=torch.float64)
+    r = np.linalg.cholesky(q.numpy()).T
+    w, _ = nnls(r, np.linalg.solve(r.T, a.numpy()))
+    return selection_utility(features, target, indices, torch.from_numpy(w), lr=lr, ridge=ridge)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / ".cache/models/smollm2-135m"))
@@ -72,7 +96,8 @@ def main(argv=None):
     ap.add_argument("--pool-factor", type=int, default=8)
     ap.add_argument("--anchors", type=int, default=8)
     ap.add_argument("--sketch-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4, help="main model's lr (and the utility's)")
+    ap.add_argument("--lr", type=float, default=5e-5,
+                    help="main model's lr (all weights, AdamW) and the utility's")
     ap.add_argument("--proxy-lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=3)
@@ -143,19 +168,23 @@ def main(argv=None):
         def u_main(indices):
             return selection_utility(main_f, main_t, indices, ones, lr=args.lr)
 
-        u_best = u_main(picks["main"].indices)
-        u_rand = statistics.fmean(
-            u_main(select("random", main_f, domains, main_t, budgets,
-                          generator=generator("bench-random", args.seed, step, r)).indices)
-            for r in range(16))
+        def u_star(indices):
+            return best_utility(main_f, main_t, indices, args.lr)
+
+        randoms = [select("random", main_f, domains, main_t, budgets,
+                          generator=generator("bench-random", args.seed, step, r)).indices for r in range(16)]
+        u_best, u_best_unit = u_star(picks["main"].indices), u_main(picks["main"].indices)
+        u_rand = statistics.fmean(u_star(idx) for idx in randoms)
         main_set = set(picks["main"].indices.tolist())
         record = {"step": step, "k": k, "n": len(pool_ids), "main_sketch_s": main_s,
-                  "u_main": u_best, "u_random": u_rand, "proxies": {}}
+                  "u_main": u_best, "u_random": u_rand, "random_utility_ratio": u_rand / u_best,
+                  "proxies": {}}
         for name in proxies:
-            u = u_main(picks[name].indices)
+            u = u_star(picks[name].indices)
             record["proxies"][name] = {
                 "sketch_s": scored[name][2], "time_ratio": scored[name][2] / main_s,
                 "utility_ratio": u / u_best, "gain_ratio": (u - u_rand) / (u_best - u_rand),
+                "utility_ratio_unit": u_main(picks[name].indices) / u_best_unit,
                 "overlap": len(main_set & set(picks[name].indices.tolist())) / k}
         if trained is not None and step < train_steps:
             chosen = [pool_ids[i] for i in picks[trained].indices.tolist()]
@@ -178,20 +207,24 @@ def main(argv=None):
         rows.append({"proxy": name, "blocks": proxy.model.config.num_hidden_layers, "main_blocks": n_blocks,
                      "trained": proxy.train,
                      **{key: statistics.fmean(p[key] for p in per)
-                        for key in ("time_ratio", "utility_ratio", "gain_ratio", "overlap")},
+                        for key in ("time_ratio", "utility_ratio", "gain_ratio", "utility_ratio_unit", "overlap")},
                      "gain_ratio_min": min(p["gain_ratio"] for p in per)})
     random_overlap = k / args.pool_size
     print(f"\nProxy scoring: {Path(args.model).name} ({n_blocks} blocks), pool {args.pool_size} -> k={k}, "
           f"{args.anchors} anchors, {args.steps} steps ({train_steps} training), kron sketches of the last 3 blocks")
-    fmt = "{:<22} {:>10} {:>13} {:>10} {:>9} {:>9}"
-    print(fmt.format("proxy", "time ratio", "utility ratio", "gain ratio", "gain min", "overlap"))
+    random_ratio = statistics.fmean(s["random_utility_ratio"] for s in steps)
+    fmt = "{:<22} {:>10} {:>13} {:>10} {:>9} {:>12} {:>9}"
+    print(fmt.format("proxy", "time ratio", "utility ratio", "gain ratio", "gain min", "unit-w ratio", "overlap"))
     for r in rows:
         print(fmt.format(r["proxy"], f"{r['time_ratio']:.3f}", f"{r['utility_ratio']:.3f}",
-                         f"{r['gain_ratio']:.3f}", f"{r['gain_ratio_min']:.3f}", f"{r['overlap']:.3f}"))
-    print(f"random choice: gain ratio 0, overlap {random_overlap:.3f} in expectation")
+                         f"{r['gain_ratio']:.3f}", f"{r['gain_ratio_min']:.3f}",
+                         f"{r['utility_ratio_unit']:.3f}", f"{r['overlap']:.3f}"))
+    print(f"random choice: utility ratio {random_ratio:.3f}, gain ratio 0, overlap {random_overlap:.3f} "
+          f"in expectation")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "table": rows, "random_overlap": random_overlap,
+                               "random_utility_ratio": random_ratio,
                                "steps": steps}, indent=2))
     print(f"wrote {out}")
     return 0
