@@ -58,17 +58,25 @@ def map_launcher_env(master_addr: str = "127.0.0.1", master_port: str = "29500",
 def init_distributed(backend=None, timeout_s: float = 600.0) -> str:
     """Map the launcher's variables, then ``deepspeed.init_distributed`` on them.
 
-    On CPU (``DS_ACCELERATOR=cpu``) the shm comm op is skipped (it would JIT-compile for a
-    minute on a fresh machine); gloo is the backend.
+    ``timeout_s`` bounds every collective of the job: the world group's, and also those of the
+    groups created later (DeepSpeed's data-parallel group, ...), which ``torch.distributed.new_group``
+    would otherwise give torch's default of 30 minutes; a stopped or dead rank then ends the others
+    after ``timeout_s`` instead of blocking them. On CPU (``DS_ACCELERATOR=cpu``) the shm comm op
+    is skipped (it would JIT-compile for a minute on a fresh machine); gloo is the backend.
     """
     import deepspeed
     import deepspeed.ops
+    from torch.distributed import distributed_c10d
 
     kind = map_launcher_env()
     accel = os.environ.get("DS_ACCELERATOR", "")
     if accel == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = backend or "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # new_group(timeout=None) reads these module defaults when each group is created
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return kind
