@@ -153,9 +153,13 @@ class PartitionSelEngine:
                               f"(every rank sketches the same number of candidates in lockstep)")
         self.sampler = PoolSampler(len(pool), self.pool_size, cfg.seed)
         sk = cfg.sketch
-        self.sketcher = GradientSketcher(engine.module, modules=sk.modules, mode=sk.mode,
+        # sketches and target come from the proxy when there is one: the main model only trains
+        self.proxy = self._build_proxy(sk, engine.module)
+        self.sketcher = GradientSketcher(self.proxy.model if self.proxy is not None else engine.module,
+                                         modules=sk.modules, mode=sk.mode,
                                          kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
-                                         dim=sk.dim, seed=cfg.seed, normalize=sk.normalize)
+                                         dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
+                                         head_chunk=sk.head_chunk)
         self.global_step = 0
         self._target, self._target_key = None, None
         self.output_dir = output_dir
@@ -185,6 +189,7 @@ class PartitionSelEngine:
         weight_of = dict(zip(sel.indices.tolist(), sel.weights.tolist()))
         train_loss = self._train_on([int(pool_ids[i]) for i in mine],
                                     [weight_of[i] for i in mine], float(sel.weights.sum()))
+        proxy_loss = self._train_proxy([int(pool_ids[i]) for i in sel.indices.tolist()])
         t_end = time.perf_counter()
 
         record = {
@@ -199,6 +204,8 @@ class PartitionSelEngine:
                        "select": t_select - t0 - sel.info["time_sketch"],
                        "train": t_end - t_select, "total": t_end - t0},
         }
+        if proxy_loss is not None:
+            record["proxy_loss"] = proxy_loss
         if step % cfg.log_interval == 0:
             record["conflicting_pairs"] = self._conflicting_pairs(sel, features, lo, hi)
         self.global_step += 1
@@ -209,6 +216,31 @@ class PartitionSelEngine:
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    # ------------------------------------------------------------------ proxy scoring
+
+    @staticmethod
+    def _build_proxy(sk, main_module):
+        """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`), or None."""
+        if sk.proxy_model is None:
+            return None
+        from ds_partitionsel.proxy import ProxyModel, vocab_size
+
+        params = list(main_module.parameters())
+        try:
+            return ProxyModel(sk.proxy_model, layers=sk.proxy_layers, train=sk.proxy_train, lr=sk.proxy_lr,
+                              device=params[0].device if params else None, main_vocab=vocab_size(main_module))
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise ConfigError(f"partitionsel.sketch.proxy_model: {e}") from e
+
+    def _train_proxy(self, record_ids):
+        """One proxy step on the whole selected batch, the same on every rank (no communication)."""
+        if self.proxy is None or not self.proxy.train:
+            return None
+        mb = self.cfg.sketch.micro_batch
+        batches = [self.pool.collate(record_ids[s:s + mb], self.pad_token_id)
+                   for s in range(0, len(record_ids), mb)]
+        return self.proxy.train_on(batches, self._per_sequence_loss)
 
     def _select(self, step, pool_ids, lo, hi):
         """Sketch this rank's shard and run the distributed selection over the global pool."""
