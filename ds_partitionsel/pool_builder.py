@@ -9,6 +9,7 @@ pool (:func:`write_manifest`). docs/POOLS.md describes the format and the guaran
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -105,8 +106,18 @@ class Source:
                 parts = seqs[int(doc[d]) - first:int(doc[d + 1]) - first]
                 yield d, (parts[0] if len(parts) == 1 else np.concatenate([np.zeros(0, ds.index.dtype), *parts]))
         else:
-            for k, row in enumerate(self._data.select(range(start, stop))):
-                yield start + k, row
+            rows, unit = iter(self._data.select(range(start, stop))), start
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except UnicodeDecodeError as e:  # Arrow strings are UTF-8 by definition; this file breaks that
+                    raise BuildError(f"{self.where(unit)} (or a row just after it): a string that is not valid UTF-8 "
+                                     f"({e.reason}); re-encode the dataset as UTF-8 (--encoding and "
+                                     f"--encoding-errors apply to jsonl files only)") from None
+                yield unit, row
+                unit += 1
 
     def files(self) -> list:
         """The files this source reads (for the --out safety check)."""
@@ -202,15 +213,55 @@ class Fields:
     text: str | None = None  # set: pretraining text records (text, domain)
 
 
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or ``ValueError``: a jsonl file is split into lines at the byte
+    ``\\n``, so only encodings that write ASCII as single ASCII bytes (utf-8, latin-1, cp1252, ...) work."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"--encoding {encoding!r} is not a text encoding Python knows "
+                         f"(e.g. utf-8, latin-1, cp1252)") from None
+    try:
+        ascii_compatible = '\n{"a": 1}'.encode(name) == b'\n{"a": 1}'
+    except Exception:  # noqa: BLE001 - a codec that cannot even encode this is not ASCII-compatible
+        ascii_compatible = False
+    if not ascii_compatible:
+        raise ValueError(f"--encoding {encoding!r} does not write ASCII as single bytes, so jsonl lines cannot be "
+                         f"split at newline bytes; convert the file to UTF-8 first (e.g. iconv -f {encoding} -t utf-8)")
+    return name
+
+
+def decode_line(raw: bytes, where: str, encoding: str = "utf-8", errors: str = "strict") -> tuple[str, bool]:
+    """One jsonl line's bytes -> ``(text, replaced)``; ``replaced`` is True when undecodable bytes
+    were replaced by U+FFFD (only with ``errors="replace"``).
+
+    Raises :class:`BadRecord` (reason ``undecodable``) naming the line, the byte column and the
+    byte when the line is not valid ``encoding`` and ``errors`` is ``"strict"``.
+    """
+    try:
+        return raw.decode(encoding), False
+    except UnicodeDecodeError as e:
+        if errors == "replace":
+            return raw.decode(encoding, errors="replace"), True
+        byte = raw[e.start:e.start + 1].hex()
+        raise BadRecord(where, "undecodable",
+                        f"bytes that are not valid {encoding} (byte 0x{byte} at byte column {e.start + 1}: "
+                        f"{e.reason}); fix the file, pass --encoding if it uses another encoding, or "
+                        f"--encoding-errors replace to replace such bytes by U+FFFD") from None
+
+
 def parse_record(raw, where: str, fields: Fields):
     """One raw unit -> ``(prompt, response, domain)`` (fine-tuning) or ``(text, domain)``
     (pretraining, ``fields.text`` set); ``None`` for a blank jsonl line.
 
-    Raises :class:`BadRecord` for malformed JSON, a non-object, a missing or non-string field,
-    an empty domain, or an empty response / document.
+    ``raw`` is a jsonl line (``str``, or ``bytes`` decoded as strict UTF-8 by :func:`decode_line`)
+    or an HF row (``dict``). Raises :class:`BadRecord` for undecodable bytes, malformed JSON, a
+    non-object, a missing or non-string field, an empty domain, or an empty response / document.
     """
     if isinstance(raw, bytes):
-        text = raw.decode("utf-8", errors="replace").strip()
+        raw = decode_line(raw, where)[0]
+    if isinstance(raw, str):
+        text = raw.strip()
         if not text:
             return None
         try:
@@ -274,6 +325,9 @@ class Plan:
     dtype: np.dtype
     vocab_size: int
     eos: int | None
+    encoding: str = "utf-8"           # jsonl inputs
+    encoding_errors: str = "strict"   # "strict": undecodable bytes are a bad record; "replace": U+FFFD, counted
+    allow_missing_domains: bool = False  # a domain whose every record is dropped in a split is not an error
 
     def work(self):
         """Every (group index, shard index) of the build, in a fixed order."""
@@ -290,6 +344,9 @@ class ShardBuilder:
         self.pending = []                       # text waiting for one batched encode: (text, domain, split)
         self.pending_chars = 0
         self.errors, self.dropped_no_response = [], {s: 0 for s in splits}  # per output split
+        # per split, per domain: the fewest tokens a dropped record needed to keep one response token
+        self.dropped_need = {s: {} for s in splits}
+        self.replaced_lines = 0  # jsonl lines whose undecodable bytes became U+FFFD (--encoding-errors replace)
         self.encode = pf.batch_encoder(plan.tokenizer) if plan.mode == "text" else None
 
     def split_of(self, content: bytes) -> str:
@@ -309,6 +366,9 @@ class ShardBuilder:
                                  f"{plan.vocab_size}: the indexed dataset was built with another tokenizer")
             self.add_document(ids.astype(plan.dtype, copy=False), src.domain, self.split_of(ids.tobytes()))
             return
+        if isinstance(raw, bytes):
+            raw, replaced = decode_line(raw, where, plan.encoding, plan.encoding_errors)
+            self.replaced_lines += replaced
         parsed = parse_record(raw, where, plan.fields)
         if parsed is None:
             return
@@ -323,10 +383,13 @@ class ShardBuilder:
         split = self.split_of(f"{prompt}\0{response}".encode("utf-8"))
         ids, mask = pf.tokenize_example(plan.tokenizer, prompt, response, plan.use_chat)
         cut = len(ids) > plan.max_length
-        ids, mask = ids[:plan.max_length], mask[:plan.max_length]
-        if not any(mask):
+        if not any(mask[:plan.max_length]):
             self.dropped_no_response[split] += 1
+            self.buffers[split].count(domain, "dropped_no_response", 1)
+            need = next((i + 1 for i, m in enumerate(mask) if m), len(ids) + 1)
+            self.dropped_need[split][domain] = min(need, self.dropped_need[split].get(domain, need))
             return
+        ids, mask = ids[:plan.max_length], mask[:plan.max_length]
         self.buffers[split].add(np.asarray(ids), np.asarray(mask, dtype=np.bool_), domain, cut)
 
     def flush(self) -> None:
@@ -381,7 +444,8 @@ def build_shard(plan: Plan, group: int, shard: int, staging: Path, progress) -> 
                     builder.errors.append([group, base + unit, e.reason, str(e)])
                     if not plan.skip_bad:
                         return {"group": group, "shard": shard, "errors": builder.errors, "entries": {},
-                                "dropped_no_response": builder.dropped_no_response}
+                                "dropped_no_response": builder.dropped_no_response,
+                                "dropped_need": builder.dropped_need, "replaced_lines": builder.replaced_lines}
         base += src.num_units
     entries = {}
     for split, buf in builder.finish().items():
@@ -389,7 +453,8 @@ def build_shard(plan: Plan, group: int, shard: int, staging: Path, progress) -> 
         entry = buf.write(staging / split / folder)
         entries[split] = dict(entry, dir=folder)
     return {"group": group, "shard": shard, "errors": builder.errors, "entries": entries,
-            "dropped_no_response": builder.dropped_no_response}
+            "dropped_no_response": builder.dropped_no_response, "dropped_need": builder.dropped_need,
+            "replaced_lines": builder.replaced_lines}
 
 
 # ----------------------------------------------------------------------------- MPI helpers
@@ -468,6 +533,7 @@ def make_plan(args, tokenizer) -> Plan:
     """Open every input (raises ``ValueError`` with the reason) and decide the shards."""
     pretraining = bool(args.text_field or args.megatron or args.pack)
     vocab = len(tokenizer)
+    encoding = check_encoding(getattr(args, "encoding", "utf-8"))
     fields = Fields(args.prompt_field, args.response_field, args.domain_field,
                     (args.text_field or "text") if pretraining else None)
     train = [open_source(s) for s in args.train] + [open_megatron(m, vocab) for m in args.megatron]
@@ -486,7 +552,9 @@ def make_plan(args, tokenizer) -> Plan:
     return Plan(groups=groups, mode="text" if pretraining else "sft", fields=fields, tokenizer=tokenizer,
                 use_chat=use_chat, max_length=args.max_length, pack=args.pack,
                 valid_fraction=args.valid_fraction or 0.0, shard_docs=args.shard_docs, skip_bad=args.skip_bad,
-                dtype=pf.token_dtype(vocab), vocab_size=vocab, eos=tokenizer.eos_token_id)
+                dtype=pf.token_dtype(vocab), vocab_size=vocab, eos=tokenizer.eos_token_id,
+                encoding=encoding, encoding_errors=getattr(args, "encoding_errors", "strict"),
+                allow_missing_domains=bool(getattr(args, "allow_missing_domains", False)))
 
 
 def build(args, comm) -> int:
@@ -604,6 +672,9 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
     else:
         names = found
     per_split = {split: pf.merge_per_domain(e.pop("per_domain") for e in s["shards"]) for split, s in splits.items()}
+    problem = check_vanished_domains(plan, per_split, metas)
+    if problem:
+        return problem
     if plan.mode == "text":
         problem = check_pretraining_splits(plan, per_split)
         if problem:
@@ -643,7 +714,12 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
             "skipped_bad": skipped_counts(shard_errors) if split == grp["splits"][0] else {},
             "dropped_no_response_after_truncation": sum(m["dropped_no_response"].get(split, 0)
                                                         for m in s["metas"]),
+            "missing_domains": sorted(d for d, c in per_split[split].items() if not c["records"]),
+            "replaced_undecodable_lines": sum(m["replaced_lines"] for m in s["metas"])
+            if split == grp["splits"][0] else 0,
         }
+    if plan.encoding != "utf-8" or plan.encoding_errors != "strict":
+        manifest["text_encoding"] = {"encoding": plan.encoding, "errors": plan.encoding_errors}
     with open(staging / pf.MANIFEST, "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     inputs = [args.tokenizer] + [f for grp in plan.groups for src in grp["sources"] for f in src.files()]
@@ -654,15 +730,39 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
     return None
 
 
+def check_vanished_domains(plan: Plan, per_split: dict, metas: list):
+    """A domain that has input in a split but no candidate left there is an error (unless
+    ``--allow-missing-domains``). Fine-tuning: every record was cut before its first response
+    token. Packed text: the domain's stream is shorter than one window (training split; the
+    validation split keeps its remainder). Returns an error message or None."""
+    if plan.allow_missing_domains:
+        return None
+    for split in sorted(per_split, key=lambda s: (s != "train", s)):
+        for domain, c in per_split[split].items():
+            if c["records"]:
+                continue
+            if c.get("dropped_no_response"):
+                need = min(m["dropped_need"][split][domain] for m in metas
+                           if domain in m["dropped_need"].get(split, {}))
+                prompt = "prompt, chat template included," if plan.use_chat else "prompt"
+                return (f"every record of domain {domain!r} in the {split} split was dropped: all "
+                        f"{c['dropped_no_response']} are longer than --max-length {plan.max_length} after the prompt, "
+                        f"so no response token is left to train on (the shortest {prompt} takes {need - 1} "
+                        f"tokens); raise --max-length above {need - 1}, or pass --allow-missing-domains to build "
+                        f"without {domain!r} in {split}")
+            if plan.pack and c.get("documents"):
+                name = {"train": "training", "valid": "validation"}.get(split, split)
+                return (f"domain {domain!r} has {c.get('stream_tokens', 0)} tokens in the {name} split, fewer than "
+                        f"one window of --pack {plan.pack} (windows are made within each shard of --shard-docs "
+                        f"{plan.shard_docs} documents), so it has no candidate there; lower --pack, add text for "
+                        f"{domain!r}, or pass --allow-missing-domains to build without it")
+    return None
+
+
 def check_pretraining_splits(plan: Plan, per_split: dict):
-    """Every training domain needs validation documents (when there is a validation split) and,
-    with --pack, at least one window. Returns an error message or None."""
+    """Every training domain needs validation documents (when there is a validation split); a
+    domain with no window at all is :func:`check_vanished_domains`' case. Returns an error message or None."""
     train = per_split.get("train", {})
-    for domain, c in train.items():
-        if plan.pack and c.get("documents") and not c["records"]:
-            return (f"domain {domain!r} has {c.get('stream_tokens', 0)} tokens in the training split, fewer than "
-                    f"one window of --pack {plan.pack} (windows are made within each shard of --shard-docs "
-                    f"{plan.shard_docs} documents); lower --pack or add text for {domain!r}")
     if "valid" in per_split:
         lacking = [d for d in train if not per_split["valid"].get(d, {}).get("records")]
         if lacking:
@@ -697,7 +797,15 @@ def summary(manifest: dict, errors: list) -> str:
             for e in errors[:5]:
                 extra.append(f"  {e[3]}")
         if entry["dropped_no_response_after_truncation"]:
+            by_domain = {d: c["dropped_no_response"] for d, c in entry["per_domain"].items()
+                         if c.get("dropped_no_response")}
             extra.append(f"dropped {entry['dropped_no_response_after_truncation']} records with no response "
-                         f"token left after truncation to {manifest['max_length']}")
+                         f"token left after truncation to {manifest['max_length']} {by_domain}")
+        if entry.get("missing_domains"):
+            extra.append(f"no candidates left for domain(s) {entry['missing_domains']} (allowed by "
+                         f"--allow-missing-domains)")
+        if entry.get("replaced_undecodable_lines"):
+            extra.append(f"replaced undecodable bytes by U+FFFD in {entry['replaced_undecodable_lines']} lines "
+                         f"(--encoding-errors replace)")
         lines += [f"{split:6s} {x}" for x in extra]
     return "\n".join(lines)

@@ -51,7 +51,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ds_partitionsel.pool_builder import MEGATRON_EXTRA, build, get_comm, held_out  # noqa: F401 (held_out: tests)
+from ds_partitionsel.pool_builder import (MEGATRON_EXTRA, build, check_encoding, get_comm,  # noqa: F401
+                                          held_out)  # held_out: tests
 
 
 def parse_args(argv=None):
@@ -83,6 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--shard-docs", type=int, default=16384,
                    help="documents (lines, rows) per shard: the unit of parallel work and of memory (default 16384)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of failing")
+    p.add_argument("--allow-missing-domains", action="store_true",
+                   help="build even when every record of a domain is dropped in a split (cut before its response "
+                        "by --max-length, or shorter than one --pack window); default: an error naming the domain")
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of jsonl inputs (default utf-8; must write ASCII as single bytes, e.g. "
+                        "latin-1, cp1252)")
+    p.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                   help="jsonl bytes that are not valid --encoding: strict (default) fails with file:line (or "
+                        "skips and counts the line with --skip-bad); replace puts U+FFFD in their place and "
+                        "counts the lines")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing pool at --out (only a pool built by this tool; kept if the build fails)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -95,6 +106,13 @@ def parse_args(argv=None):
         p.error(f"--shard-docs must be at least 1, got {args.shard_docs}")
     if not args.train and not args.megatron:
         p.error("give the input: --train PATH ... and/or --megatron DOMAIN=PATH_PREFIX")
+    if args.encoding != "utf-8" or args.encoding_errors != "strict":
+        if not args.train and not args.valid:
+            p.error("--encoding/--encoding-errors apply to jsonl inputs (--train/--valid); --megatron holds tokens")
+    try:
+        check_encoding(args.encoding)
+    except ValueError as e:
+        p.error(str(e))
     if args.valid_fraction is not None:
         if not 0 < args.valid_fraction < 1:
             p.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
