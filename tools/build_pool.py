@@ -21,7 +21,10 @@
 Fine-tuning records (the default) need a prompt, a response and a non-empty domain (field names
 configurable). They are tokenized with the tokenizer's chat template when it has one (else
 ``prompt + "\\n"`` then ``response + EOS``); prompt tokens are masked out of the loss; records
-longer than ``--max-length`` are cut (counted per domain and reported).
+longer than ``--max-length`` are cut (counted per domain and reported); a record cut before its
+first response token is dropped (counted), and a domain that loses every record of a split that
+way (or, packed, has less than one window) is an error unless ``--allow-missing-domains``.
+jsonl files are read as strict UTF-8 (``--encoding``, ``--encoding-errors replace`` to change it).
 
 Pretraining text (``--text-field``, ``--megatron`` or ``--pack``): every token is a target.
 Each document is ``encode(text)`` (no special tokens) followed by EOS; Megatron documents are
