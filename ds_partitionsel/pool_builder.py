@@ -737,6 +737,7 @@ def check_vanished_domains(plan: Plan, per_split: dict, metas: list):
     validation split keeps its remainder). Returns an error message or None."""
     if plan.allow_missing_domains:
         return None
+    cut = []  # fine-tuning: (split, domain, records dropped, fewest tokens before a response token)
     for split in sorted(per_split, key=lambda s: (s != "train", s)):
         for domain, c in per_split[split].items():
             if c["records"]:
@@ -744,19 +745,24 @@ def check_vanished_domains(plan: Plan, per_split: dict, metas: list):
             if c.get("dropped_no_response"):
                 need = min(m["dropped_need"][split][domain] for m in metas
                            if domain in m["dropped_need"].get(split, {}))
-                prompt = "prompt, chat template included," if plan.use_chat else "prompt"
-                return (f"every record of domain {domain!r} in the {split} split was dropped: all "
-                        f"{c['dropped_no_response']} are longer than --max-length {plan.max_length} after the prompt, "
-                        f"so no response token is left to train on (the shortest {prompt} takes {need - 1} "
-                        f"tokens); raise --max-length above {need - 1}, or pass --allow-missing-domains to build "
-                        f"without {domain!r} in {split}")
-            if plan.pack and c.get("documents"):
+                cut.append((split, domain, c["dropped_no_response"], need - 1))
+            elif plan.pack and c.get("documents"):
                 name = {"train": "training", "valid": "validation"}.get(split, split)
                 return (f"domain {domain!r} has {c.get('stream_tokens', 0)} tokens in the {name} split, fewer than "
                         f"one window of --pack {plan.pack} (windows are made within each shard of --shard-docs "
                         f"{plan.shard_docs} documents), so it has no candidate there; lower --pack, add text for "
                         f"{domain!r}, or pass --allow-missing-domains to build without it")
-    return None
+    if not cut:
+        return None
+    (split, domain, n, prompt), others = cut[0], cut[1:]
+    what = "prompt, chat template included," if plan.use_chat else "prompt"
+    also = "".join(f"; likewise domain {d!r} in the {s} split ({k} records, shortest prompt {p} tokens)"
+                   for s, d, k, p in others)
+    return (f"every record of domain {domain!r} in the {split} split was dropped: all {n} are longer than "
+            f"--max-length {plan.max_length} after the prompt, so no response token is left to train on (the "
+            f"shortest {what} takes {prompt} tokens){also}; raise --max-length above "
+            f"{max(p for *_, p in cut)}, or pass --allow-missing-domains to build without "
+            f"{'them' if others else repr(domain) + ' in ' + split}")
 
 
 def check_pretraining_splits(plan: Plan, per_split: dict):

@@ -192,10 +192,14 @@ def test_demo_data_at_max_length_64_with_smollm2(tmp_path, capsys):
     out = tmp_path / "p"
     argv = ["--tokenizer", str(SMOLLM2), "--train", str(DEMO / "train.jsonl"), "--valid", str(DEMO / "valid.jsonl"),
             "--max-length", "64", "--out", str(out), "--quiet"]
-    n_code = sum(1 for line in open(DEMO / "train.jsonl") if json.loads(line)["domain"] == "code")
-    assert_refused(build_pool.main(argv), capsys,
-                   f"every record of domain 'code' in the train split was dropped: all {n_code} are longer than "
-                   f"--max-length 64 after the prompt", out)
+    n_code = {s: sum(1 for line in open(DEMO / f"{s}.jsonl") if json.loads(line)["domain"] == "code")
+              for s in ("train", "valid")}
+    err = assert_refused(build_pool.main(argv), capsys,
+                         f"every record of domain 'code' in the train split was dropped: all {n_code['train']} are "
+                         f"longer than --max-length 64 after the prompt", out)
+    # both splits in one message, with the one length that keeps code in both
+    assert f"; likewise domain 'code' in the valid split ({n_code['valid']} records, shortest prompt" in err
+    assert "or pass --allow-missing-domains to build without them" in err
 
 
 # ----------------------------------------------------------------------------- undecodable bytes
