@@ -69,8 +69,10 @@ def build_real_pool(root: Path, per_domain: int = 48, valid_per_domain: int = 6,
     tok = train_tokenizer(root / "tokenizer", texts, pad=pad)
     pool = root / "pool"
     domains = ",".join(["code", "math", "molecules", *extra_domains])
+    # at the default 80 tokens every sampled validation code prompt fills the window, so the pool has
+    # no validation code record (as it always had); --allow-missing-domains keeps that explicit
     code = build_pool.main(["--tokenizer", str(tok), "--train", str(out["train"]), "--valid", str(out["valid"]),
                             "--out", str(pool), "--max-length", str(max_length), "--domains", domains,
-                            "--quiet", "--overwrite"])
+                            "--quiet", "--overwrite", "--allow-missing-domains"])
     assert code == 0
     return {"pool": pool, "tokenizer": tok, "train": out["train"], "valid": out["valid"]}
