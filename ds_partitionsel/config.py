@@ -155,6 +155,15 @@ class SketchConfig(_Block):
             raise PydanticCustomError("partitionsel", "bad lr")
         return v
 
+    @model_validator(mode="after")
+    def _proxy_needs_model(self):
+        # proxy_layers / proxy_train without a proxy would be ignored without a word
+        if self.proxy_model is None and (self.proxy_train or self.proxy_layers is not None):
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.proxy_train / proxy_layers need "
+                                "partitionsel.sketch.proxy_model, the path of the proxy's model folder")
+        return self
+
 
 class ValidationConfig(_Block):
     """The held-out anchors whose mean sketch is the selection target."""

@@ -153,3 +153,6 @@ def test_bad_proxy_config_is_a_config_error(tmp_path):
         build(proxy_model=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"proxy_model.*proxy_layers must be an int in \[1, 3\]"):
         build(proxy_model=_proxy_folder(tmp_path / "ok2", 128), proxy_layers=5)
+    for orphan in ({"proxy_train": True}, {"proxy_layers": 2}):  # no proxy_model: refused, not ignored
+        with pytest.raises(ConfigError, match="need partitionsel.sketch.proxy_model"):
+            build(**orphan)
