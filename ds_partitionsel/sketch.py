@@ -79,9 +79,10 @@ _MODES = ("exact", "kron")
 # float32 logits held at once by the chunked head (``head_chunk="auto"``): 32 MiB
 _HEAD_CHUNK_ELEMENTS = 1 << 23
 # config attributes of HF heads that transform the logits after the linear head (Gemma 2/3
-# soft-capping, Cohere's logit_scale, Granite's logits_scaling): the chunked head would skip
-# them, so such models use the full logits
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling), with their values that leave the
+# logits alone: the chunked head would skip any other, so such models use the full logits
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0), "logit_scale": (None, 1),
+                     "logits_scaling": (None, 1)}
 
 
 # --------------------------------------------------------------------------- module selection
@@ -496,10 +497,8 @@ class GradientSketcher:
         if type(head) is not nn.Linear or any(m is head for _, m in self._modules):
             return None
         config = getattr(inner, "config", None)
-        for key in _LOGIT_TRANSFORMS:
-            value = getattr(config, key, None)
-            if value is not None and value != 1 and not (key == "final_logit_softcapping" and not value):
-                return None
+        if any(getattr(config, key, None) not in neutral for key, neutral in _LOGIT_TRANSFORMS.items()):
+            return None
         return head
 
     def _supported_forward_kwargs(self) -> set:
