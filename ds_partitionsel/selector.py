@@ -38,7 +38,7 @@ from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator,
 
 logger = logging.getLogger("ds_partitionsel")
 
-__all__ = ["StepPlan", "StepTimings", "StepSelection", "Selector", "check_pools", "pool_size_for"]
+__all__ = ["StepPlan", "StepTimings", "StepSelection", "Selector", "build_proxy", "check_pools", "pool_size_for"]
 
 # methods that need no gradient features
 FEATURELESS = ("random", "full")
@@ -205,12 +205,12 @@ class Selector:
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         # sketches and target come from the proxy when there is one: the main model only trains
-        self.proxy = self._build_proxy(sk, model)
+        self.proxy = build_proxy(sk, model)
         self.scorer = self.proxy.model if self.proxy is not None else model
         self.sketcher = GradientSketcher(self.scorer, modules=sk.modules, mode=sk.mode,
                                          kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
                                          dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
-                                         head_chunk=getattr(sk, "head_chunk", "auto"))
+                                         head_chunk=sk.head_chunk)
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         self._target, self._target_key = None, None
 
@@ -372,20 +372,18 @@ class Selector:
         losses["mean"] = sum(losses.values()) / max(len(losses), 1)
         return losses
 
-    # ------------------------------------------------------------------ proxy
 
-    @staticmethod
-    def _build_proxy(sk, main_module):
-        """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`), or None."""
-        path = getattr(sk, "proxy_model", None)
-        if not path:
-            return None
-        from ds_partitionsel.proxy import ProxyModel, vocab_size
+def build_proxy(sketch_cfg, main_module):
+    """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`) for a main
+    model, or None without one; a proxy that cannot serve raises :class:`ConfigError`."""
+    if sketch_cfg.proxy_model is None:
+        return None
+    from ds_partitionsel.proxy import ProxyModel, vocab_size
 
-        params = list(main_module.parameters())
-        try:
-            return ProxyModel(path, layers=getattr(sk, "proxy_layers", None),
-                              train=bool(getattr(sk, "proxy_train", False)), lr=getattr(sk, "proxy_lr", 1e-4),
-                              device=params[0].device if params else None, main_vocab=vocab_size(main_module))
-        except (ValueError, FileNotFoundError, TypeError) as e:
-            raise ConfigError(f"partitionsel.sketch.proxy_model: {e}") from e
+    params = list(main_module.parameters())
+    try:
+        return ProxyModel(sketch_cfg.proxy_model, layers=sketch_cfg.proxy_layers, train=sketch_cfg.proxy_train,
+                          lr=sketch_cfg.proxy_lr, device=params[0].device if params else None,
+                          main_vocab=vocab_size(main_module))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise ConfigError(f"partitionsel.sketch.proxy_model: {e}") from e

@@ -96,6 +96,7 @@ def _full_vs_plain_worker(rank, world, real, steps):
     """method=full through our engine vs plain DeepSpeed on the same per-step batches."""
     import deepspeed
 
+    from ds_partitionsel.loss import per_sequence_loss
     from ds_partitionsel.sampler import assign_owner_first, shard_bounds
 
     ours = _engine(real, _ds_config(2, "full"), seed=1)
@@ -112,7 +113,7 @@ def _full_vs_plain_worker(rank, world, real, steps):
         bounds = shard_bounds(len(pool_ids), world)
         mine = assign_owner_first(list(range(len(pool_ids))), bounds, len(pool_ids) // world)[rank]
         batch = ours.pool.collate([int(pool_ids[i]) for i in mine], tok_pad)
-        per_seq, _ = ours._per_sequence_loss(batch, plain)
+        per_seq, _ = per_sequence_loss(plain, batch)
         loss = per_seq.mean()
         plain.backward(loss)
         plain.step()

@@ -137,13 +137,13 @@ def test_proxy_run_trains_end_to_end_on_two_ranks(real, tmp_path):
 
 def test_bad_proxy_config_is_a_config_error(tmp_path):
     from ds_partitionsel.config import ConfigError, PartitionSelConfig
-    from ds_partitionsel.engine import PartitionSelEngine
+    from ds_partitionsel.selector import build_proxy
 
     folder = _proxy_folder(tmp_path / "proxy", 97)
     main = _llama(128)
 
     def build(**sketch):
-        return PartitionSelEngine._build_proxy(PartitionSelConfig.from_dict({"sketch": sketch}).sketch, main)
+        return build_proxy(PartitionSelConfig.from_dict({"sketch": sketch}).sketch, main)
 
     assert build() is None
     assert build(proxy_model=_proxy_folder(tmp_path / "ok", 128), proxy_layers=1).model.config.num_hidden_layers == 1

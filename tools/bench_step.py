@@ -58,7 +58,6 @@ def worker(args):
     from ds_partitionsel.data import CandidatePool
     from ds_partitionsel.engine import initialize
     from ds_partitionsel.launch_env import init_distributed
-    from ds_partitionsel.sampler import shard_bounds
 
     init_distributed()
     rank = torch.distributed.get_rank()
@@ -93,9 +92,7 @@ def worker(args):
         for step in range(args.warmup + args.steps):
             rec = engine.train_step()
             # the floor's forward: a plain no-grad forward of the same pool shard
-            pool_ids = engine.sampler.pool(step)
-            lo, hi = shard_bounds(engine.pool_size, engine.world)[engine.rank]
-            ids = pool_ids[lo:hi].tolist()
+            ids = engine.selector.plan(step).local_ids.tolist()  # the step's own plan: this rank's shard
             Communicator(context="bench_step").barrier("barrier")
             t0 = time.perf_counter()
             with torch.no_grad():
