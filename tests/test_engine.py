@@ -97,7 +97,6 @@ def _full_vs_plain_worker(rank, world, real, steps):
     import deepspeed
 
     from ds_partitionsel.loss import per_sequence_loss
-    from ds_partitionsel.sampler import assign_owner_first, shard_bounds
 
     ours = _engine(real, _ds_config(2, "full"), seed=1)
     tok_pad = ours.pad_token_id
@@ -109,10 +108,8 @@ def _full_vs_plain_worker(rank, world, real, steps):
     for step in range(steps):
         rec = ours.train_step()
         ours_losses.append(rec["train_loss"])
-        pool_ids = ours.sampler.pool(step)
-        bounds = shard_bounds(len(pool_ids), world)
-        mine = assign_owner_first(list(range(len(pool_ids))), bounds, len(pool_ids) // world)[rank]
-        batch = ours.pool.collate([int(pool_ids[i]) for i in mine], tok_pad)
+        # method full trains the whole pool: owner-first, each rank keeps its own shard of the plan
+        batch = ours.pool.collate(ours.selector.plan(step).local_ids.tolist(), tok_pad)
         per_seq, _ = per_sequence_loss(plain, batch)
         loss = per_seq.mean()
         plain.backward(loss)
