@@ -27,6 +27,7 @@ from ds_partitionsel.selector import Selector, check_pools
 logger = logging.getLogger("ds_partitionsel")
 
 CLIENT_STATE_KEY = "partitionsel"
+SELECTOR_STATE_KEY = "partitionsel_selector"  # a trained proxy's weights and optimizer
 
 
 def _split_config(config):
@@ -188,6 +189,9 @@ class PartitionSelEngine:
         record = resume_record(self)
         state = dict(client_state or {})
         state[CLIENT_STATE_KEY] = record
+        selector_state = self.selector.state_dict()
+        if selector_state:
+            state[SELECTOR_STATE_KEY] = selector_state
         tag = f"global_step{self.engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
         out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
         if self.rank == 0:  # a rank that resumes before this file exists checks the client state instead
@@ -216,6 +220,7 @@ class PartitionSelEngine:
         diffs = check_resume(state, current, path, allow_changes)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", path, "; ".join(diffs))
+        self.selector.load_state_dict(client_state.get(SELECTOR_STATE_KEY, {}))
         self.global_step = int(state["global_step"])
         return path, client_state
 

@@ -48,6 +48,8 @@ logger = logging.getLogger("ds_partitionsel")
 
 __all__ = ["PartitionSelTrainer"]
 
+SELECTOR_STATE = "partitionsel_selector.pt"  # in a checkpoint-N folder: a trained proxy's state
+
 
 def _block_from(partitionsel, deepspeed) -> PartitionSelConfig:
     if partitionsel is not None:
@@ -82,6 +84,10 @@ class SelectedBatches:
         tr = self.trainer
         if tr.selector is None:  # the model is prepared by now (DeepSpeed engine, ZeRO-3 hooks)
             tr.selector = tr._build_selector()
+            if tr._resume_from:
+                path = os.path.join(tr._resume_from, SELECTOR_STATE)
+                state = torch.load(path, weights_only=True) if os.path.isfile(path) else {}
+                tr.selector.load_state_dict(state)
         selector = tr.selector
         micro = tr.args.per_device_train_batch_size
         step = tr.state.global_step
@@ -116,6 +122,9 @@ class _PartitionSelCallback(transformers.TrainerCallback):
                 record = resume_record(tr.selector)
                 with open(os.path.join(folder, RESUME_RECORD), "w") as fh:
                     json.dump(record, fh, indent=1)
+                state = tr.selector.state_dict()
+                if state:  # tensors only: loaded back with torch.load(weights_only=True)
+                    torch.save(state, os.path.join(folder, SELECTOR_STATE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer.sink is not None:
@@ -161,6 +170,7 @@ class PartitionSelTrainer(transformers.Trainer):
         self.sink: Optional[MetricsSink] = None
         self._selection, self._step_losses, self._train_start = None, [], 0.0
         self._ps_logs = {}
+        self._resume_from = None
         self.add_callback(_PartitionSelCallback(self))
 
     # ------------------------------------------------------------------ data

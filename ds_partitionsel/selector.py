@@ -292,6 +292,20 @@ class Selector:
         batches = [self.pool.collate(ids[s:s + mb], self.pad_token_id) for s in range(0, len(ids), mb)]
         return self.proxy.train_on(batches, lambda batch, module: per_sequence_loss(module, batch, self.device))
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry beyond the step for an exact resume: a trained proxy's
+        weights and optimizer (the rest of the selection is a function of the step)."""
+        if self.proxy is not None and self.proxy.train:
+            return {"proxy": self.proxy.state_dict()}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.proxy is not None and self.proxy.train:
+            if "proxy" not in (state or {}):
+                raise ValueError("the checkpoint holds no trained proxy state, but sketch.proxy_train is on: "
+                                 "it was saved without a trained proxy")
+            self.proxy.load_state_dict(state["proxy"])
+
     # ------------------------------------------------------------------ sketches and target
 
     def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None) -> torch.Tensor:

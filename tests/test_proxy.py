@@ -156,3 +156,85 @@ def test_bad_proxy_config_is_a_config_error(tmp_path):
     for orphan in ({"proxy_train": True}, {"proxy_layers": 2}):  # no proxy_model: refused, not ignored
         with pytest.raises(ConfigError, match="need partitionsel.sketch.proxy_model"):
             build(**orphan)
+
+
+def _proxy_resume_worker(rank, world, real, folder, ckpt, stop):
+    """3 steps with a trained proxy: straight (``stop`` None), or ``stop`` steps, a checkpoint, a
+    fresh engine and proxy (other init), and the rest. Returns the selections and the proxy."""
+    import transformers
+
+    from ds_partitionsel.data import CandidatePool
+    from ds_partitionsel.engine import initialize
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 6,
+              "partitionsel": {"pool_factor": 4, "seed": 7, "mode": "sharded", "validation": {"anchors": 4},
+                               "sketch": {"modules": 2, "mode": "kron", "kron_dims": 8, "micro_batch": 4,
+                                          "proxy_model": folder, "proxy_train": True, "proxy_lr": 1e-2}}}
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        model = _llama(len(tok))
+        return initialize(model, config, CandidatePool(real["pool"], "train", tokenizer=tok),
+                          CandidatePool(real["pool"], "valid"), tokenizer=tok,
+                          optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))[0]
+
+    first = engine(0)
+    selected = [first.train_step()["selected"] for _ in range(stop or 3)]
+    if stop:
+        first.save_checkpoint(ckpt, tag="t")
+        second = engine(1)
+        second.load_checkpoint(ckpt, tag="t")
+        selected += [second.train_step()["selected"] for _ in range(3 - stop)]
+        first = second
+    return selected, float(_flat(first.proxy.model).double().sum())
+
+
+def test_resume_restores_the_trained_proxy(real, tmp_path):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    folder = _proxy_folder(tmp_path / "proxy", len(tok))
+    straight = run_ranks(_proxy_resume_worker, 2, real, folder, None, None, deepspeed=True)
+    resumed = run_ranks(_proxy_resume_worker, 2, real, folder, str(tmp_path / "ckpt"), 2, deepspeed=True)
+    assert resumed[0] == resumed[1]
+    assert resumed[0] == straight[0]  # same selections and the same trained proxy after a resume
+
+
+def _hf_proxy_worker(rank, world, real, folder, out, steps, resume):
+    import transformers
+
+    from ds_partitionsel.data import CandidatePool
+    from ds_partitionsel.hf import PartitionSelTrainer
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+          "partitionsel": {"pool_factor": 4, "seed": 7, "validation": {"anchors": 4},
+                           "sketch": {"modules": 2, "mode": "kron", "kron_dims": 8, "micro_batch": 4,
+                                      "proxy_model": folder, "proxy_train": True, "proxy_lr": 1e-2}}}
+    args = transformers.TrainingArguments(output_dir=out, deepspeed=ds, per_device_train_batch_size=2,
+                                          max_steps=steps, learning_rate=3e-3, lr_scheduler_type="constant",
+                                          report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                                          disable_tqdm=True)
+    torch.manual_seed(1 if resume else 0)
+    trainer = PartitionSelTrainer(model=_llama(len(tok)), args=args, processing_class=tok,
+                                  candidate_pool=CandidatePool(real["pool"], "train", tokenizer=tok),
+                                  valid_pool=CandidatePool(real["pool"], "valid"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return float(_flat(trainer.selector.proxy.model).double().sum())
+
+
+def test_trainer_checkpoints_carry_the_trained_proxy(real, tmp_path):
+    import transformers
+
+    from ds_partitionsel.records import read_metrics
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    folder = _proxy_folder(tmp_path / "proxy", len(tok))
+    straight = run_ranks(_hf_proxy_worker, 1, real, folder, str(tmp_path / "a"), 3, False)[0]
+    run_ranks(_hf_proxy_worker, 1, real, folder, str(tmp_path / "b"), 2, False)
+    assert (tmp_path / "b" / "checkpoint-2" / "partitionsel_selector.pt").is_file()
+    resumed = run_ranks(_hf_proxy_worker, 1, real, folder, str(tmp_path / "b"), 3, True)[0]
+    assert [s.selected for s in read_metrics(tmp_path / "b")[0]] == [s.selected for s in read_metrics(tmp_path / "a")[0]]
+    assert resumed == straight
