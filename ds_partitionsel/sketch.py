@@ -70,7 +70,7 @@ from torch.profiler import record_function
 from .projection import BlockGaussianProjection, gaussian_matrix
 
 __all__ = ["GradientSketcher", "resolve_modules", "transformer_blocks", "label_mask",
-           "exact_weight_grads", "kron_weight_sketches", "label_nll"]
+           "exact_weight_grads", "label_nll"]
 
 ModuleSpec = Union[int, str, Sequence[str], "re.Pattern[str]"]
 
@@ -240,20 +240,6 @@ def exact_weight_grads(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``W.grad.flatten()``).
     """
     return torch.bmm(delta.transpose(1, 2), x).flatten(1)
-
-
-def kron_weight_sketches(delta: torch.Tensor, x: torch.Tensor,
-                         p_out: Optional[torch.Tensor], p_in: Optional[torch.Tensor]) -> torch.Tensor:
-    """``vec(P_out^T G_i P_in) = vec(sum_t (P_out^T delta_t)(P_in^T x_t)^T)`` without forming ``G_i``.
-
-    ``delta: (n, T, d_out)``, ``x: (n, T, d_in)``, ``p_out: (d_out, k_out)``, ``p_in: (d_in, k_in)``
-    (``None`` = identity) -> ``(n, k_out * k_in)``.
-    """
-    if p_out is not None:
-        delta = delta @ p_out
-    if p_in is not None:
-        x = x @ p_in
-    return exact_weight_grads(delta, x)
 
 
 class _LabelNLL(torch.autograd.Function):
