@@ -17,7 +17,7 @@ its sketches need no lockstep between ranks.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn

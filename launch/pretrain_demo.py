@@ -18,20 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from demo import BIN, REPO, run  # noqa: E402  (the demo's paths and command runner)
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
-
-
-def run(cmd, **kw):
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, **kw)
 
 
 def write_corpus(data_dir: str, path: str) -> dict:

@@ -221,9 +221,11 @@ def build_model(args, tokenizer):
     return model
 
 
-def main(argv=None) -> int:
-    """Train; returns the exit status. A user error is one line on stderr (status 2), a failed
-    step one line naming the step and rank (status 1); no traceback for either."""
+def main(argv=None, train_fn=None) -> int:
+    """Train (``train_fn``, default :func:`train`; ``launch/train_hf.py`` passes its own); returns
+    the exit status. A user error is one line on stderr (status 2), a failed step one line naming
+    the step and rank (status 1); no traceback for either."""
+    train_fn = train_fn or train
     args = parse_args(argv)
     from ds_partitionsel.launch_env import map_launcher_env
     from ds_partitionsel.pool_format import PoolFormatError
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     where = f"[rank {rank}] " if world > 1 else ""
     try:
-        return train(args)
+        return train_fn(args)
     except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -263,7 +265,6 @@ def train(args) -> int:
     place_monitors(cfg, args.output_dir, args.deepspeed_config)
     check_run_dirs(args)
     import torch
-    import transformers
 
     from ds_partitionsel.data import CandidatePool
     from ds_partitionsel.engine import initialize

@@ -23,8 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from train import (StepFailed, UsageError, build_model, check_vocabulary,  # noqa: E402
-                   load_config, parse_args, place_monitors, summarize)
+from train import StepFailed, UsageError, build_model, check_vocabulary, load_config  # noqa: E402
+from train import main as train_main  # noqa: E402
+from train import place_monitors, summarize  # noqa: E402
 
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.runs import METRICS_LOG, ResumeMismatchError, RunDirError  # noqa: E402
@@ -124,24 +125,8 @@ def train(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from ds_partitionsel.launch_env import map_launcher_env
-    from ds_partitionsel.pool_format import PoolFormatError
-
-    map_launcher_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    where = f"[rank {rank}] " if world > 1 else ""
-    try:
-        return train(args)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
-        print(f"{where}error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except StepFailed as e:
-        print(f"{where}error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{where}interrupted", file=sys.stderr, flush=True)
-        return 130
+    """As ``launch/train.py``'s main (same flags, exit statuses and one-line errors)."""
+    return train_main(argv, train_fn=train)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,6 @@ def worker(args):
 
 def profile_step(engine, rank, rows=20):
     """One more step, profiled on rank 0: the top operators and the sketcher's named phases."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     if rank != 0:
