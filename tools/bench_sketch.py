@@ -112,7 +112,7 @@ def gram64(features, chunk: int = 1 << 20):
     import torch
 
     n = features.shape[0]
-    out = torch.zeros(n, n, dtype=torch.float64)
+    out = torch.zeros(n, n, dtype=torch.float64, device=features.device)
     for s in range(0, features.shape[1], chunk):
         block = features[:, s:s + chunk].double()
         out += block @ block.T
@@ -127,31 +127,49 @@ def run_method(args) -> dict:
     from ds_partitionsel.sketch import GradientSketcher
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = Path(args.data) if args.data else None
     ids, attn, loss, source = build_pool(tokenizer, args.pool, args.seq, data, args.seed)
+    ids, attn, loss = ids.to(device), attn.to(device), loss.to(device)
+    cuda = device.type == "cuda"
     sketch_kwargs = dict(modules=args.blocks, normalize=False)
     names = GradientSketcher(model, **sketch_kwargs).module_names
     with torch.no_grad():  # warm-up (thread pools, lazy inits) outside the timed region
         model(input_ids=ids[:1, :16], use_cache=False)
     base_kib = _rss_kib("VmRSS")
     peak_reset = _reset_peak()
-    result = {"method": args.method, "pool_source": source, "peak_reset": peak_reset}
+    if cuda:  # on a GPU the peak that matters is the device's: allocated beyond the model and pool
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    result = {"method": args.method, "pool_source": source, "peak_reset": peak_reset, "device": str(device)}
+
+    def peak_extra_mib():
+        if cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+        return (_rss_kib("VmHWM") - base_kib) / 1024
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     times, cpu_times = [], []  # wall and CPU (all threads) seconds; CPU time is less hurt by other jobs
     if args.method == "forward":
         for _ in range(args.repeats):
             c0 = time.process_time()
-            t0 = time.perf_counter()
+            t0 = now()
             with torch.no_grad():
                 for s in range(0, args.pool, args.chunk):
                     model(input_ids=ids[s:s + args.chunk], attention_mask=attn[s:s + args.chunk],
                           use_cache=False)
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
             cpu_times.append(time.process_time() - c0)
         gram = None
-        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+        result["peak_extra_mib"] = peak_extra_mib()
         if args.profile:
             def plain_forward():
                 with torch.no_grad():
@@ -169,11 +187,11 @@ def run_method(args) -> dict:
         for _ in range(args.repeats):
             feats = None  # the previous result is not held during the next run
             c0 = time.process_time()
-            t0 = time.perf_counter()
+            t0 = now()
             feats = sk.sketch(ids, attn, loss, batch_size=args.chunk)
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
             cpu_times.append(time.process_time() - c0)
-        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+        result["peak_extra_mib"] = peak_extra_mib()
         result["features_mib"] = feats.numel() * feats.element_size() / 2**20
         result["feature_dim"] = feats.shape[1]
         if args.profile:
@@ -188,7 +206,7 @@ def run_method(args) -> dict:
     result["all_seconds"] = times
     result["cpu_seconds"] = min(cpu_times) if cpu_times else None
     if "peak_extra_mib" not in result:  # func: its peak includes the projection and the Grams
-        result["peak_extra_mib"] = (_rss_kib("VmHWM") - base_kib) / 1024
+        result["peak_extra_mib"] = peak_extra_mib()
     result["gram"] = None if gram is None else gram.double().tolist()
     result["hooked_params"] = sum(dict(model.named_modules())[n].weight.numel() for n in names)
     return result
@@ -278,6 +296,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="add a torch.profiler table of one extra run per method to the JSON")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model runs (peak memory: RSS on "
+                                                    "the CPU, max allocated on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(REPO / "runs/bench_sketch.json"))
