@@ -412,6 +412,25 @@ def config_differences(saved: dict, current: dict, ignore=RESUME_FREE_KEYS) -> L
 # ----------------------------------------------------------------------------- batch and pool
 
 
+def split_deepspeed_config(config) -> Tuple[dict, "PartitionSelConfig", bool]:
+    """A DeepSpeed config (dict or JSON path) -> ``(DeepSpeed's own dict without our block, the
+    validated ``"partitionsel"`` block, whether the config had one)``. The input is not changed."""
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as fh:
+                config = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"DeepSpeed config {str(config)!r} not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {str(config)!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config must be a dict or a path to a DeepSpeed JSON file, got {type(config).__name__}")
+    ds_config = copy.deepcopy(config)
+    present = "partitionsel" in ds_config
+    block = ds_config.pop("partitionsel", None)
+    return ds_config, PartitionSelConfig.from_dict(block), present
+
+
 def train_batch_size(ds_config: dict, world: int) -> Optional[int]:
     """The global batch k that DeepSpeed will derive from ``ds_config`` on ``world`` ranks.
 

@@ -7,8 +7,6 @@
 The step itself lives in :mod:`ds_partitionsel.selector` (framework-neutral); this module is
 the loop around it for a ``DeepSpeedEngine``, plus checkpoints that carry the selector's state.
 """
-import copy
-import json
 import logging
 import os
 import time
@@ -18,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ds_partitionsel.config import (ConfigError, PartitionSelConfig, check_deepspeed_config, check_pool_fit,
-                                    train_batch_size)
+                                    split_deepspeed_config, train_batch_size)
 from ds_partitionsel.loss import batch_loss
 from ds_partitionsel.records import EvalRecord, MetricsSink, step_record
 from ds_partitionsel.runs import check_resume, check_run_dir, read_resume_record, resume_record, write_resume_record
@@ -28,23 +26,6 @@ logger = logging.getLogger("ds_partitionsel")
 
 CLIENT_STATE_KEY = "partitionsel"
 SELECTOR_STATE_KEY = "partitionsel_selector"  # a trained proxy's weights and optimizer
-
-
-def _split_config(config):
-    """DeepSpeed config (dict or JSON path) -> (deepspeed dict without our block, our block)."""
-    if isinstance(config, (str, os.PathLike)):
-        try:
-            with open(config) as fh:
-                config = json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"DeepSpeed config {str(config)!r} not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"DeepSpeed config {str(config)!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"config must be a dict or a path to a DeepSpeed JSON file, got {type(config).__name__}")
-    ds_config = copy.deepcopy(config)
-    block = ds_config.pop("partitionsel", None)
-    return ds_config, PartitionSelConfig.from_dict(block)
 
 
 def initialize(model, config, pool, valid_pool, *, optimizer=None, model_parameters=None,
@@ -74,7 +55,7 @@ def initialize(model, config, pool, valid_pool, *, optimizer=None, model_paramet
     """
     import deepspeed
 
-    ds_config, cfg = _split_config(config)
+    ds_config, cfg, _ = split_deepspeed_config(config)
     check_deepspeed_config(ds_config, dist.get_world_size() if dist.is_initialized() else 1)
     if pad_token_id is None and tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import transformers
 
-from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.config import ConfigError, PartitionSelConfig, split_deepspeed_config
 from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.records import EvalRecord, MetricsSink, monitor_events, step_record
 from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
@@ -56,17 +56,14 @@ def _block_from(partitionsel, deepspeed) -> PartitionSelConfig:
         if isinstance(partitionsel, PartitionSelConfig):
             return partitionsel
         return PartitionSelConfig.from_dict(partitionsel)
-    config = deepspeed
-    if isinstance(config, (str, os.PathLike)):
-        try:
-            with open(config) as fh:
-                config = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read the DeepSpeed config {config!r}: {e}") from None
-    if not isinstance(config, dict) or "partitionsel" not in config:
+    if deepspeed is None:
+        present = False
+    else:
+        _, block, present = split_deepspeed_config(deepspeed)
+    if not present:
         raise ConfigError("PartitionSelTrainer needs a 'partitionsel' block: put it into the DeepSpeed "
                           "config of TrainingArguments(deepspeed=...), or pass partitionsel={...}")
-    return PartitionSelConfig.from_dict(config["partitionsel"])
+    return block
 
 
 class SelectedBatches:

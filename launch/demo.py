@@ -77,19 +77,26 @@ def main():
          "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=3",
          "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
          "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
-    run([sys.executable, "tools/analyze_run.py", args.out, "--out", os.path.join(args.out, "report")])
-    with open(os.path.join(out, "summary.json")) as fh:
+    summary = report(args.out, "demo", "from pools of {pool_size}")
+    print(f"conflicting pairs per batch (mean): {summary['mean_conflicting_pairs']}")
+
+
+def report(out: str, title: str, batch_detail: str) -> dict:
+    """Plot the run in ``out`` (tools/analyze_run.py) and print its summary: held-out loss per
+    domain before -> after, the selected mix. ``batch_detail`` is formatted with the summary."""
+    run([sys.executable, "tools/analyze_run.py", out, "--out", os.path.join(out, "report")])
+    with open(os.path.join(REPO, out, "summary.json")) as fh:
         summary = json.load(fh)
-    print("\n=== demo summary ===")
+    print(f"\n=== {title} summary ===")
     print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
-          f"batch {summary['batch_size']} from pools of {summary['pool_size']}")
+          f"batch {summary['batch_size']} " + batch_detail.format(**summary))
     start, end = summary["eval_loss_start"], summary["eval_loss"]
     print("held-out loss per domain, before -> after training:")
     for name in end:
         print(f"  {name:>10}: {start[name]:.4f} -> {end[name]:.4f}")
     print(f"selected domain mix: {summary['selected_domain_mix']}")
-    print(f"conflicting pairs per batch (mean): {summary['mean_conflicting_pairs']}")
-    print(f"plots and summary table: {os.path.join(args.out, 'report')}")
+    print(f"plots and summary table: {os.path.join(out, 'report')}")
+    return summary
 
 
 if __name__ == "__main__":

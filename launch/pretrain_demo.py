@@ -23,7 +23,7 @@ import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo import BIN, REPO, run  # noqa: E402  (the demo's paths and command runner)
+from demo import BIN, REPO, report, run  # noqa: E402  (the demo's paths, runner and report)
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
@@ -109,19 +109,8 @@ def main(argv=None):
          "--tokenizer", tok, "--pool", pool, "--deepspeed_config", args.config, "--steps", str(args.steps),
          "--method", args.method, "--lr", str(args.lr), "--set", "eval_interval=10", "--set", "eval_samples=64",
          "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
-    run([sys.executable, "tools/analyze_run.py", args.out, "--out", os.path.join(args.out, "report")])
-    with open(os.path.join(out, "summary.json")) as fh:
-        summary = json.load(fh)
-    print("\n=== pretraining demo summary ===")
-    print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, batch "
-          f"{summary['batch_size']} windows of {args.pack} tokens from pools of {summary['pool_size']}; "
-          f"tiny Llama from scratch, vocabulary {args.vocab}")
-    start, end = summary["eval_loss_start"], summary["eval_loss"]
-    print("held-out loss per domain, before -> after training:")
-    for name in end:
-        print(f"  {name:>10}: {start[name]:.4f} -> {end[name]:.4f}")
-    print(f"selected domain mix: {summary['selected_domain_mix']}")
-    print(f"plots and summary table: {os.path.join(args.out, 'report')}")
+    report(args.out, "pretraining demo", f"windows of {args.pack} tokens from pools of {{pool_size}}; "
+                                          f"tiny Llama from scratch, vocabulary {args.vocab}")
 
 
 if __name__ == "__main__":

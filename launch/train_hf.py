@@ -28,7 +28,7 @@ from train import main as train_main  # noqa: E402
 from train import place_monitors, summarize  # noqa: E402
 
 from ds_partitionsel.config import ConfigError  # noqa: E402
-from ds_partitionsel.runs import METRICS_LOG, ResumeMismatchError, RunDirError  # noqa: E402
+from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
 
 
 def training_arguments(cfg: dict, args, ps_cfg):
@@ -65,10 +65,7 @@ def train(args) -> int:
     resume = args.resume
     if resume and resume != "last" and not os.path.isdir(resume):
         raise UsageError(f"--resume {resume}: no such checkpoint folder")
-    log = os.path.join(args.output_dir, METRICS_LOG)
-    if not resume and os.path.isfile(log) and os.path.getsize(log) > 0:
-        raise RunDirError(f"{log} already holds the log of another run; choose a new --output-dir, or "
-                          f"--resume last to continue that run")
+    check_run_dir(args.output_dir, resume=bool(resume))
     if not os.path.isfile(os.path.join(args.pool, "manifest.json")):
         raise UsageError(f"--pool {args.pool} is not a candidate pool (no manifest.json); build one with "
                          f"python tools/build_pool.py")
