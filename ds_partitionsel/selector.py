@@ -179,10 +179,12 @@ class Selector:
     group : data-parallel process group (None: the world).
     """
 
+    # the per-sequence loss of the trained model on a collated batch (evaluation); a loop whose
+    # model is called differently (ds_partitionsel.megatron) swaps it
+    sequence_loss = staticmethod(per_sequence_loss)
+
     def __init__(self, model, cfg: PartitionSelConfig, pool, valid_pool, *, batch_size: int,
                  pad_token_id: int, group=None):
-        from ds_partitionsel.sketch import GradientSketcher
-
         check_pools(pool, valid_pool, cfg)
         self.model, self.cfg, self.pool, self.valid_pool = model, cfg, pool, valid_pool
         self.pad_token_id = int(pad_token_id)
@@ -207,12 +209,18 @@ class Selector:
         # sketches and target come from the proxy when there is one: the main model only trains
         self.proxy = build_proxy(sk, model)
         self.scorer = self.proxy.model if self.proxy is not None else model
-        self.sketcher = GradientSketcher(self.scorer, modules=sk.modules, mode=sk.mode,
+        self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
                                          kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
                                          dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
                                          head_chunk=sk.head_chunk)
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         self._target, self._target_key = None, None
+
+    def _sketcher_class(self):
+        """What sketches ``self.scorer`` (a subclass may sketch other models, e.g. tensor-parallel ones)."""
+        from ds_partitionsel.sketch import GradientSketcher
+
+        return GradientSketcher
 
     # ------------------------------------------------------------------ the step
 
@@ -374,7 +382,7 @@ class Selector:
         model.eval()
         for work, n_real in lockstep_chunks(mine, per_rank, micro_batch, int(ids[0])):
             batch = self.valid_pool.collate(work, self.pad_token_id)
-            per_seq, _ = per_sequence_loss(model, batch, self.device)
+            per_seq, _ = self.sequence_loss(model, batch, self.device)
             per_seq = per_seq[:n_real].double().cpu()
             dom = batch["domains"][:n_real]
             sums[0].index_add_(0, dom, per_seq)

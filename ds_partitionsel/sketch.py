@@ -425,7 +425,7 @@ class GradientSketcher:
         self.dtype = dtype
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
-        self._modules = resolve_modules(self.model, modules)
+        self._modules = self._resolve_modules(modules)
         self.module_names = [n for n, _ in self._modules]
         self.blocks = [self._block_layout(n, m) for n, m in self._modules]
         self._projector = (BlockGaussianProjection(self.dim, seed=self.seed)
@@ -442,9 +442,18 @@ class GradientSketcher:
 
     # ------------------------------------------------------------------ layout and projections
 
+    def _resolve_modules(self, modules: ModuleSpec) -> List[Tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs to hook (:func:`resolve_modules`; a subclass for other
+        linear layers, such as tensor-parallel ones, resolves its own)."""
+        return resolve_modules(self.model, modules)
+
+    def _linear_sizes(self, module: nn.Module) -> Tuple[int, int]:
+        """``(d_in, d_out)`` of the whole weight, from the module's attributes, never from its
+        (possibly partitioned or sharded) weight."""
+        return module.in_features, module.out_features
+
     def _block_layout(self, name: str, module: nn.Linear) -> SketchBlock:
-        # Sizes come from the module's attributes, never from its (possibly partitioned) weight.
-        d_in, d_out = module.in_features, module.out_features
+        d_in, d_out = self._linear_sizes(module)
         has_bias = self.include_bias and module.bias is not None
         if self.mode == "exact":
             rows, cols = d_out, d_in
