@@ -36,6 +36,7 @@ from ds_partitionsel.solver import RULES
 
 SELECTION_MODES = ("auto", "replicated", "sharded")
 SKETCH_MODES = ("exact", "kron")
+ANCHOR_MIXES = ("pooled", "per_domain")
 MAX_SEED = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
 
 # Keys that change what a run selects and trains on. A resume refuses a checkpoint whose values
@@ -172,6 +173,10 @@ class ValidationConfig(_Block):
                                                         "into the target gradient)"))
     refresh_interval: int = Field(1, json_schema_extra=_expects("a positive integer (steps between new "
                                                                  "anchor draws)"))
+    mix: Literal[ANCHOR_MIXES] = Field("pooled", json_schema_extra=_expects(
+        '"pooled" (anchors drawn uniformly from the held-out split: the target follows its domain mix) '
+        'or "per_domain" (an equal share of anchors from every held-out domain, each domain weighted '
+        'the same in the target)'))
 
     @field_validator("anchors", "refresh_interval")
     @classmethod

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -341,21 +341,49 @@ class Selector:
 
     def validation_target(self, step: int) -> torch.Tensor:
         """Mean sketch of ``validation.anchors`` held-out sequences (p,), all-reduced over ranks;
-        drawn anew every ``refresh_interval`` steps and reused in between."""
+        drawn anew every ``refresh_interval`` steps and reused in between.
+
+        ``validation.mix = "pooled"``: ``v = (1/A) sum_a g_a`` over anchors drawn uniformly from
+        the held-out split. ``"per_domain"``: ``ceil(A/D)`` anchors from each of the ``D`` held-out
+        domains and ``v = (1/D) sum_d mean_{a in d} g_a`` (every domain counts the same).
+        """
         v = self.cfg.validation
         key = step // v.refresh_interval
         if key == self._target_key:
             return self._target
-        n_valid = len(self.valid_pool)
-        count = min(v.anchors, n_valid)
-        anchors = torch.randperm(n_valid, generator=generator("anchors", self.cfg.seed, key))[:count]
-        mine = anchors[self.rank::self.world].tolist()
-        per_rank = math.ceil(count / self.world)
-        feats = self.sketch_records(self.valid_pool, mine, lockstep_rows=per_rank)
+        ids, weights, divisor = self.anchor_draw(key)
+        mine = list(range(self.rank, len(ids), self.world))
+        per_rank = math.ceil(len(ids) / self.world)
+        feats = self.sketch_records(self.valid_pool, [ids[i] for i in mine], lockstep_rows=per_rank)
         feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
-        total = self.comm(step).all_reduce(feats.sum(0), "sum", "all-reduce of the validation target")
-        self._target, self._target_key = total / count, key
+        local = (feats * torch.tensor([weights[i] for i in mine], dtype=feats.dtype)[:, None]).sum(0) \
+            if mine else torch.zeros(feats.shape[1], dtype=feats.dtype)
+        total = self.comm(step).all_reduce(local, "sum", "all-reduce of the validation target")
+        self._target = total / divisor
+        self._target_key = key
         return self._target
+
+    def anchor_draw(self, key: int) -> Tuple[List[int], List[float], float]:
+        """``(anchor ids, weights, divisor)`` of draw ``key``: the target is
+        ``sum_a weights[a] g_a / divisor``. The same on every rank (a function of the seed and
+        ``key``)."""
+        v = self.cfg.validation
+        n_valid = len(self.valid_pool)
+        gen = generator("anchors", self.cfg.seed, key)
+        if v.mix == "pooled":
+            count = min(v.anchors, n_valid)
+            ids = torch.randperm(n_valid, generator=gen)[:count].tolist()
+            return ids, [1.0] * count, float(count)
+        domains = self.valid_pool.domains
+        present = torch.unique(domains).tolist()
+        per_domain = math.ceil(v.anchors / len(present))
+        ids, weights = [], []
+        for d in present:
+            members = (domains == d).nonzero().flatten()
+            take = members[torch.randperm(members.numel(), generator=gen)[:per_domain]].tolist()
+            ids += take
+            weights += [1.0 / (len(present) * len(take))] * len(take)
+        return ids, weights, 1.0
 
     def _gather_rows(self, step, picked, features, lo, hi) -> torch.Tensor:
         """The selected rows' features (k, p) float64 on every rank: one all-reduce."""
