@@ -79,7 +79,7 @@ from ds_partitionsel.sketch import DEFAULT_NUM_BLOCKS, GradientSketcher, ModuleS
 
 __all__ = ["ParallelLayout", "initialize_parallel", "check_parallel_config", "parallel_linears",
            "TensorParallelSketcher", "MegatronSelector", "gpt_token_losses", "megatron_sequence_loss",
-           "causal_padding_mask", "padded_vocab_size", "VOCAB_MULTIPLE", "build_gpt", "current_layout"]
+           "causal_padding_mask", "padded_vocab_size", "check_selection_config", "VOCAB_MULTIPLE", "build_gpt", "current_layout"]
 
 # the vocabulary is padded to a multiple of this (Megatron pads too: the embedding and the head
 # are split over the TP group); one multiple for every tp that divides it, so that a model's
@@ -467,6 +467,16 @@ class TensorParallelSketcher(GradientSketcher):
 
 # --------------------------------------------------------------------------- selection
 
+def check_selection_config(cfg) -> None:
+    """Refuse ``"partitionsel"`` keys that the Megatron selection does not serve."""
+    if cfg.sketch.proxy_model is not None:
+        raise ConfigError("partitionsel.sketch.proxy_model is not supported with Megatron models "
+                          "(the model itself is sketched); remove it")
+    if cfg.sketch.modules == "lora":
+        raise ConfigError("partitionsel.sketch.modules='lora' needs a peft LoRA model; Megatron models "
+                          "have none here: use an int, 'all_linear', names or a regex")
+
+
 class MegatronSelector(Selector):
     """The :class:`~ds_partitionsel.selector.Selector` of a Megatron ``GPTModel`` on TP x DP ranks:
     selection over the DP group, sketches reduced over the TP group, the TP peers' agreement on
@@ -476,9 +486,7 @@ class MegatronSelector(Selector):
 
     def __init__(self, model, cfg, pool, valid_pool, *, batch_size: int, pad_token_id: int,
                  layout: Optional[ParallelLayout] = None):
-        if cfg.sketch.proxy_model is not None:
-            raise ConfigError("partitionsel.sketch.proxy_model is not supported with Megatron models "
-                              "(the model itself is sketched); remove it")
+        check_selection_config(cfg)
         self.layout = layout or current_layout()
         super().__init__(model, cfg, pool, valid_pool, batch_size=batch_size, pad_token_id=pad_token_id,
                          group=self.layout.dp_group)

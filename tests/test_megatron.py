@@ -134,3 +134,144 @@ def test_megatron_tp2_kron_sketch_equals_tp1(sketch_results, kind):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - ref).max() <= 1e-5 * np.abs(ref).max()
     assert np.abs(ref).max() > 0
+
+
+def _tp_agreement_worker(rank, world):
+    """A TP peer whose selection differs makes check_tp_agreement raise on every peer."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from ds_partitionsel.megatron import MegatronSelector, initialize_parallel
+
+    layout = initialize_parallel(2)
+    owner = SimpleNamespace(layout=layout, cfg=SimpleNamespace(timeout_s=60.0))
+    same = SimpleNamespace(step=3, record_ids=torch.tensor([5, 9, 1]), weights=torch.tensor([1.0, 0.5, 0.25]))
+    MegatronSelector.check_tp_agreement(owner, same)  # agreeing peers: no error
+    other = SimpleNamespace(step=4, record_ids=torch.tensor([5, 9, 1 + rank]), weights=same.weights)
+    try:
+        MegatronSelector.check_tp_agreement(owner, other)
+        raised = ""
+    except RuntimeError as e:
+        raised = str(e)
+    parallel_state.destroy_model_parallel()
+    return raised
+
+
+def test_megatron_tp_peers_that_disagree_are_caught():
+    messages = run_ranks(_tp_agreement_worker, 2, deepspeed=False, timeout=120)
+    assert all("step 4" in m and "selected another batch" in m for m in messages), messages
+
+
+# ----------------------------------------------------------------------- the training loop
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from real_pool import build_real_pool
+
+    return build_real_pool(tmp_path_factory.mktemp("real_megatron"))
+
+
+def _torchrun(args, tmp_path, nproc=4):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "launch" / "train_megatron.py"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _records(run_dir):
+    from ds_partitionsel.records import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def test_megatron_tp2_dp2_trains_agrees_and_resumes(real, tmp_path):
+    """torchrun 4 ranks, TP=2 x DP=2: metrics.jsonl as launch/train.py writes it, every rank
+    applies the step's selection (TP peers the same share, DP ranks disjoint shares covering the
+    batch), the held-out loss falls; a run saved after 2 steps and resumed selects and trains step
+    2 exactly as the uninterrupted run."""
+    common = ["--tp", "2", "--pool", str(real["pool"]), "--lr", "3e-3"]
+    straight = tmp_path / "straight"
+    _torchrun([*common, "--steps", "3", "--output-dir", str(straight), "--eval-at-start", "--eval-at-end"], tmp_path)
+    steps, evals = _records(straight)
+    assert [s.step for s in steps] == [0, 1, 2]
+    assert all(s.batch_size == 4 and s.pool_size == 32 and len(s.selected) == 4 for s in steps)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["tensor_parallel"] == 2 and summary["data_parallel"] == 2
+    assert evals[-1].eval_loss["mean"] < evals[0].eval_loss["mean"] - 0.05, evals
+
+    per_rank = {}
+    for r in range(4):
+        per_rank[r] = [json.loads(line) for line in (straight / "ranks" / f"rank{r}.jsonl").read_text().splitlines()]
+    for step in steps:
+        rows = [per_rank[r][step.step] for r in range(4)]
+        assert all(row["selected"] == step.selected for row in rows)
+        by_dp = {}
+        for row in rows:
+            by_dp.setdefault(row["dp_rank"], []).append(tuple(row["my_records"]))
+        assert sorted(by_dp) == [0, 1] and all(len(set(shares)) == 1 and len(shares) == 2 for shares in by_dp.values())
+        assert sorted(by_dp[0][0] + by_dp[1][0]) == sorted(step.selected)
+
+    first, ckpt = tmp_path / "first", tmp_path / "ckpt"
+    _torchrun([*common, "--steps", "2", "--output-dir", str(first), "--save-dir", str(ckpt)], tmp_path)
+    assert (ckpt / "latest").read_text() == "global_step2"
+    assert sorted(p.name for p in (ckpt / "global_step2").iterdir()) == ["partitionsel_resume.json", "tp0.pt", "tp1.pt"]
+    _torchrun([*common, "--steps", "3", "--output-dir", str(first), "--resume", str(ckpt)], tmp_path)
+    resumed, _ = _records(first)
+    assert [s.step for s in resumed] == [0, 1, 2]
+    for a, b in zip(steps, resumed):
+        assert a.selected == b.selected
+        assert abs(a.train_loss - b.train_loss) <= 1e-6 * abs(a.train_loss)
+
+
+# ----------------------------------------------------------------------- refused layouts and flags
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_megatron_under_test", REPO / "launch" / "train_megatron.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (["--tp", "3"], 4, "does not divide the world of 4 ranks"),
+    (["--tp", "2", "--pp", "2"], 4, "pipeline parallelism (2 stages) is not supported"),
+    (["--tp", "2", "--sequence-parallel"], 4, "sequence parallelism is not supported"),
+    (["--tp", "2", "--set", "sketch.proxy_model=proxy"], 2, "proxy_model is not supported"),
+    (["--tp", "2", "--set", "sketch.modules=lora"], 2, "needs a peft LoRA model"),
+])
+def test_megatron_launcher_refuses_bad_layouts(real, tmp_path, monkeypatch, capsys, flags, world, message):
+    """Refused with one line and status 2, before any process group or model exists (the world
+    is only announced: no other rank runs), nothing written."""
+    mod = _launcher()
+    for key, value in {"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    code = mod.main(["--pool", str(real["pool"]), "--steps", "1", "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_megatron_sketcher_refuses_pipeline_and_sequence_parallel_models():
+    from types import SimpleNamespace
+
+    from ds_partitionsel.config import ConfigError
+    from ds_partitionsel.megatron import check_megatron_model
+
+    base = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+                context_parallel_size=1, num_moe_experts=None)
+    for change, message in (({"pipeline_model_parallel_size": 2}, "pipeline parallelism"),
+                            ({"sequence_parallel": True}, "sequence parallelism"),
+                            ({"num_moe_experts": 4}, "MoE")):
+        model = torch.nn.Module()
+        model.config = SimpleNamespace(**{**base, **change})
+        with pytest.raises(ConfigError, match=message):
+            check_megatron_model(model)
+    with pytest.raises(TypeError, match="not a Megatron-core model"):
+        check_megatron_model(torch.nn.Linear(2, 2))
