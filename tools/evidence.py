@@ -102,11 +102,10 @@ def parse_args(argv=None):
                    help="steps between pool-wide conflicting-pair measurements (random runs)")
     s = ap.add_argument_group("SFT (SmolLM2-135M-Instruct, LoRA)")
     s.add_argument("--sft-model", default=".cache/models/smollm2-135m")
-    s.add_argument("--sft-pool", default=".cache/pools/demo256")
     s.add_argument("--sft-steps", type=int, default=40)
     s.add_argument("--sft-batch", type=int, default=4)
     s.add_argument("--sft-factor", type=int, default=4)
-    s.add_argument("--sft-max-tokens", type=int, default=128, help="windows cut to this many tokens")
+    s.add_argument("--sft-max-tokens", type=int, default=128, help="records truncated to this many tokens")
     s.add_argument("--sft-methods", nargs="+", default=list(SFT_METHODS), choices=list(METHODS))
     s.add_argument("--sft-lr", type=float, default=5e-4)
     s.add_argument("--sft-eval-interval", type=int, default=10)
@@ -426,6 +425,23 @@ def prepare_pretrain(args) -> dict:
     return {"pool": str(pool), "vocab": len(t), "pad_id": t.pad_token_id}
 
 
+def prepare_sft(args) -> str:
+    """The demo instruction pool (prompt masked) at ``--sft-max-tokens``, built once."""
+    import subprocess
+
+    cache = (REPO / args.cache).resolve()
+    model = REPO / args.sft_model
+    if not (model / "config.json").exists() or not (cache / "demo_data" / "train.jsonl").exists():
+        subprocess.run([sys.executable, str(REPO / "tools/fetch_demo_data.py"), "--cache", str(cache)], check=True)
+    pool = cache / "evidence" / f"sft_pool{args.sft_max_tokens}"
+    if not (pool / "manifest.json").exists():
+        data = cache / "demo_data"
+        subprocess.run([sys.executable, str(REPO / "tools/build_pool.py"), "--tokenizer", str(model), "--train",
+                        str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"), "--max-length",
+                        str(args.sft_max_tokens), "--out", str(pool)], check=True)
+    return str(pool)
+
+
 # --------------------------------------------------------------------------- run lists
 
 def pretrain_specs(args, data: dict) -> list:
@@ -457,8 +473,8 @@ def ablation_specs(args, data: dict) -> list:
     return specs
 
 
-def sft_specs(args) -> list:
-    base = {"kind": "sft", "device": args.device, "pool": str(REPO / args.sft_pool), "model": str(REPO / args.sft_model),
+def sft_specs(args, pool: str) -> list:
+    base = {"kind": "sft", "device": args.device, "pool": pool, "model": str(REPO / args.sft_model),
             "batch": args.sft_batch, "steps": args.sft_steps, "lr": args.sft_lr, "anchors": 4,
             "eval_interval": args.sft_eval_interval, "eval_per_domain": args.sft_eval_per_domain,
             "sketch": "exact", "target_domain": None, "measure_interval": 10 ** 9, "variant": "default",
@@ -846,7 +862,7 @@ def main(argv=None) -> int:
             if "ablation" in args.phase:
                 specs += ablation_specs(args, data)
         if "sft" in args.phase:
-            specs += sft_specs(args)
+            specs += sft_specs(args, prepare_sft(args))
         run_specs(args, specs)
         keep_results(REPO / args.out, results)
     report(results, args.target_domain)
