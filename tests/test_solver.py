@@ -145,6 +145,30 @@ def test_rrg_same_seed_same_selection_different_seed_differs():
         assert r.domain_counts.tolist() == budgets.tolist()
 
 
+def test_rrg_picks_uniformly_from_the_per_domain_top_remaining_shortlist():
+    """The official code's rule: each pick is uniform over the union of every domain's top-rem_j
+    feasible candidates by residual. With orthogonal unit candidates (Q = I) a pick leaves the
+    other residuals alone, so the first pick is uniform over the initial shortlist and the final
+    set is always the per-domain top-b_j, whatever the seed; only the order varies."""
+    a = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.2, 0.05, 0.7, 0.6, 0.5, 0.4, 0.35, 0.25], dtype=torch.float64)
+    domains = torch.tensor([0] * 6 + [1] * 6)
+    budgets = torch.tensor([2, 1])
+    shortlist = {0, 2, 6}  # top-2 of domain 0 (0.9, 0.8) and top-1 of domain 1 (0.7)
+    first = {}
+    trials = 1500
+    for seed in range(trials):
+        sel = partition_omp(a, torch.eye(12, dtype=torch.float64), domains, budgets, rule="rrg",
+                            generator=torch.Generator().manual_seed(seed))
+        assert set(sel.indices.tolist()) == shortlist
+        first[int(sel.indices[0])] = first.get(int(sel.indices[0]), 0) + 1
+    assert set(first) == shortlist
+    # uniform: each share within 4 standard errors of 1/3
+    se = (1 / 3 * 2 / 3 / trials) ** 0.5
+    assert all(abs(c / trials - 1 / 3) < 4 * se for c in first.values()), first
+    greedy = partition_omp(a, torch.eye(12, dtype=torch.float64), domains, budgets)
+    assert greedy.indices.tolist() == [0, 2, 6]  # greedy: the same set in residual order
+
+
 def test_ties_go_to_the_lowest_index():
     g = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4, dtype=torch.float64)
     target = torch.tensor([1.0, 1.0], dtype=torch.float64)

@@ -688,9 +688,8 @@ def table_markdown(title: str, rows: dict, order: list, reference: str) -> str:
         pairs = _pm(r["pairs"]["per_batch"], ".1f") if "pairs" in r else "–"
         lines.append(
             f"| {method} | {_pm(r['score'])} | {_pm(r['vs_ref']) if method != reference else '–'} | "
-            f"{r['vs_ref']['lower'] if method == reference else r['vs_ref']['seeds'] - r['vs_ref']['lower']}"
-            f"/{r['vs_ref']['seeds']} | "
-            f"{_pm(r['vs_random']) if method != 'random' else '–'} | {reached} | {_pm(r['wall_to_target'], '.1f')} | "
+            + ("– | " if method == reference else f"{r['vs_ref']['seeds'] - r['vs_ref']['lower']}/{r['vs_ref']['seeds']} | ")
+            + f"{_pm(r['vs_random']) if method != 'random' else '–'} | {reached} | {_pm(r['wall_to_target'], '.1f')} | "
             + " | ".join(f"{r['domain_loss'][d]:.3f}" for d in domains)
             + " | " + "/".join(f"{100 * r['selected_mix'][d]:.0f}" for d in domains) + "% | "
             + f"{pairs} | {r['select_s']:.3f} | {r['train_s']:.3f} |")
