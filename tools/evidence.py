@@ -726,6 +726,32 @@ def paired_pairs(methods: dict, reference: str, other: str):
     return dict(ci95(diffs), lower=sum(d < 0 for d in diffs), seeds=len(diffs))
 
 
+def conflict_rate_diffs(methods: dict, reference: str = "partitionsel") -> dict:
+    """The conflicting-pairs hypothesis as paired differences of conflict rates (reference minus
+    other, per seed): within a domain and across domains, against the other selectors and
+    against the pool's own rate (measured in the ``random`` run of the same seed)."""
+    def rate(p, kind):
+        return p[f"{kind}_conflict"] / p[kind] if p and p[kind] else None
+
+    ref = methods.get(reference, {})
+    out = {}
+    others = [(m, lambda r: r["pairs"]) for m in ("iwd", "greats_domain", "greats", "random") if m in methods]
+    others.append(("pool", None))
+    for other, get in others:
+        source = methods.get("random", {}) if other == "pool" else methods[other]
+        row = {}
+        for kind in ("within", "cross"):
+            diffs = []
+            for s in sorted(set(ref) & set(source)):
+                mine = rate(ref[s]["pairs"], kind)
+                theirs = rate(source[s].get("pool_pairs") if other == "pool" else source[s]["pairs"], kind)
+                if mine is not None and theirs is not None:
+                    diffs.append(mine - theirs)
+            row[kind] = ci95(diffs)
+        out[other] = row
+    return out
+
+
 def plot_curves(methods: dict, setting: str, target_domain: str, path: Path, title: str) -> None:
     import matplotlib
 
@@ -818,6 +844,13 @@ def report(results: Path, target_domain: str = "code") -> dict:
         md.append("")
         if any("pairs" in r for r in rows.values()):
             md.append(pairs_markdown(rows, order))
+            rates = conflict_rate_diffs(methods)
+            md.append("Conflict rates of PartitionSel minus another selector's (paired by seed, 95% CI; "
+                      "`pool`: the rate among all pairs of the pool, measured in the random run):\n")
+            md.append("| vs | within a domain | across domains |\n|---|---|---|")
+            md += [f"| {other} | {_pm(r['within'], '.3f')} | {_pm(r['cross'], '.3f')} |" for other, r in rates.items()]
+            md.append("")
+            claims["conflict rates"] = rates
         plot_curves(methods, setting, target_domain, results / f"{tag}.png", title)
         plot_domains(methods, results / f"{tag}_domains.png", title)
         out[tag] = {"rows": rows, "claims": claims}
