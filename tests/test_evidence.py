@@ -143,3 +143,10 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
     before = (kept / "tables.json").read_text()
     assert evidence.main(argv) == 0
     assert (kept / "tables.json").read_text() == before
+
+
+def test_bad_corpus_is_refused_before_anything_is_built(tmp_path):
+    args = evidence.parse_args(["--corpus", str(tmp_path / "missing.jsonl"), "--cache", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+        evidence.prepare_pretrain(args)
+    assert not (tmp_path / "cache" / "evidence" / "missing").exists()

@@ -7,8 +7,9 @@ One command reruns everything at CPU size and regenerates the tables and plots o
     python tools/evidence.py                      # all phases (hours on 2 cores), then the report
     python tools/evidence.py --phase pretrain     # one phase (pretrain | ablation | sft)
     python tools/evidence.py --report-only        # tables + plots from the kept results (seconds)
-    python tools/evidence.py --jobs 8 --device cuda --hidden 512 --layers 8 --seq 512 \\
-        --batch 64 --steps 3000 --eval-interval 100 --seeds 1 2 3 4 5   # the GPU scale
+    python tools/evidence.py --phase pretrain ablation --corpus my_corpus.jsonl --device cuda --jobs 4 \\
+        --vocab 32000 --hidden 512 --layers 8 --heads 8 --seq 512 --batch 64 --steps 3000 \\
+        --eval-interval 100 --eval-per-domain 256 --anchors 32        # the GPU scale, your corpus
 
 Phases (every run is one process, single rank, the package's ``Selector`` with a plain AdamW
 loop; the same selection code the DeepSpeed engine and the HF Trainer call):
@@ -84,6 +85,8 @@ def parse_args(argv=None):
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from kept results")
     ap.add_argument("--fresh", action="store_true", help="rerun finished runs too")
     g = ap.add_argument_group("pretraining from scratch")
+    g.add_argument("--corpus", help="raw-text jsonl ({\"text\", \"domain\"} per line) to pretrain on "
+                   "(default: the demo data's documents plus this Python's standard library sources)")
     g.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary trained on the corpus")
     g.add_argument("--seq", type=int, default=32, help="packed window length (tokens)")
     g.add_argument("--hidden", type=int, default=64)
@@ -405,12 +408,19 @@ def prepare_pretrain(args) -> dict:
     cache = (REPO / args.cache).resolve()
     work = cache / "evidence"
     work.mkdir(parents=True, exist_ok=True)
-    if not (cache / "demo_data" / "train.jsonl").exists():
+    if not args.corpus and not (cache / "demo_data" / "train.jsonl").exists():
         subprocess.run([sys.executable, str(REPO / "tools/fetch_demo_data.py"), "--data-only", "--cache", str(cache)],
                        check=True)
-    corpus = work / "corpus.jsonl"
-    if not corpus.exists():
-        print(f"corpus documents per domain: {write_corpus(str(cache / 'demo_data'), str(corpus))}", flush=True)
+    if args.corpus:
+        corpus = Path(args.corpus).resolve()
+        if not corpus.is_file():
+            raise SystemExit(f"--corpus {args.corpus}: no such file (a jsonl with \"text\" and \"domain\" per line)")
+        work = work / corpus.stem  # tokenizer and pool of this corpus, apart from the demo's
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        corpus = work / "corpus.jsonl"
+        if not corpus.exists():
+            print(f"corpus documents per domain: {write_corpus(str(cache / 'demo_data'), str(corpus))}", flush=True)
     tok = work / f"tokenizer{args.vocab}"
     if not (tok / "tokenizer.json").exists():
         train_tokenizer(str(corpus), str(tok), args.vocab)
