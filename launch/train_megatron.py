@@ -17,8 +17,8 @@ Megatron indexed datasets); the vocabulary is the pool's tokenizer's. Outputs as
 ``launch/train.py``: ``metrics.jsonl`` and ``summary.json`` in ``--output-dir``, plus
 ``ranks/rank<R>.jsonl`` (what each rank selected and trained on). ``--save-dir`` writes a
 checkpoint (``latest``, ``<tag>/partitionsel_resume.json``, ``<tag>/tp<r>.pt`` per TP rank:
-model, optimizer, selector state); ``--resume`` continues one with the same pool, selection
-config and model shape.
+model, optimizer, selector state; at the end and every ``--save-interval`` steps); ``--resume``
+continues one with the same pool, selection config and model shape.
 """
 import argparse
 import json
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--ffn-hidden-size", type=_count("--ffn-hidden-size", 1), default=None,
                     help="default 4 x hidden size")
     ap.add_argument("--seq-length", type=_count("--seq-length", 2), default=None,
-                    help="position embeddings (default: the pool's max length)")
+                    help="positions of the model (default: the pool's max_length)")
     ap.add_argument("--steps", type=_count("--steps", 0), default=10,
                     help="train until this many steps (counted from the start of the run; 0: evaluate only)")
     ap.add_argument("--lr", type=_positive_float, default=None, help="override the optimizer learning rate")
@@ -66,9 +66,12 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a partitionsel key, e.g. --set pool_factor=4 --set sketch.mode=exact")
     ap.add_argument("--output-dir", default=None, help="this run's directory: metrics.jsonl, summary.json, ranks/")
-    ap.add_argument("--save-dir", default=None, help="save a checkpoint here at the end")
+    ap.add_argument("--save-dir", default=None, help="save a checkpoint here at the end (and every --save-interval steps)")
+    ap.add_argument("--save-interval", type=_count("--save-interval", 0), default=0,
+                    help="also save every N steps (0: only at the end)")
     ap.add_argument("--resume", default=None,
-                    help="resume from a --save-dir of an earlier run (pickles: load only checkpoints you trust)")
+                    help="resume from a --save-dir of an earlier run (its latest checkpoint) or one of its "
+                         "global_step<N> folders (pickles: load only checkpoints you trust)")
     ap.add_argument("--resume-allow-changes", action="store_true",
                     help="resume even if the pool or the selection config differ from the checkpoint's")
     ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
@@ -118,9 +121,8 @@ def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
-    if args.resume and not os.path.isfile(os.path.join(args.resume, CHECKPOINT_LATEST)):
-        raise UsageError(f"--resume {args.resume} holds no checkpoint (no '{CHECKPOINT_LATEST}' file); pass the "
-                         f"--save-dir of an earlier run")
+    if args.resume:
+        checkpoint_folder(args.resume)
     if args.save_dir and os.path.isfile(os.path.join(args.save_dir, CHECKPOINT_LATEST)) and \
             not (args.resume and os.path.samefile(args.save_dir, args.resume)):
         raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a new "
@@ -128,6 +130,36 @@ def check_dirs(args):
     if not os.path.isfile(os.path.join(args.pool, "manifest.json")):
         raise UsageError(f"--pool {args.pool} is not a candidate pool (no manifest.json); build one with "
                          f"python tools/build_pool.py")
+
+
+def checkpoint_folder(path: str) -> str:
+    """The checkpoint folder that ``--resume PATH`` names: ``PATH/<latest>`` for a --save-dir, or
+    ``PATH`` itself when it is one checkpoint (``global_step<N>``)."""
+    from ds_partitionsel.runs import RESUME_RECORD
+
+    latest = os.path.join(path, CHECKPOINT_LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as fh:
+            return os.path.join(path, fh.read().strip())
+    if os.path.isfile(os.path.join(path, RESUME_RECORD)):
+        return path
+    raise UsageError(f"--resume {path} holds no checkpoint (neither a '{CHECKPOINT_LATEST}' file nor "
+                     f"{RESUME_RECORD}); pass the --save-dir of an earlier run or one of its global_step<N> folders")
+
+
+def check_checkpoint_shape(path: str, shape: dict) -> dict:
+    """The checkpoint's resume record (plain JSON, read before anything is unpickled), if its
+    model has this run's shape (:func:`model_shape`); else :class:`UsageError` naming each difference."""
+    from ds_partitionsel.runs import read_resume_record
+
+    folder = checkpoint_folder(path)
+    saved = read_resume_record(os.path.dirname(folder), os.path.basename(folder))
+    theirs = saved.get("megatron") or {}
+    diffs = [f"{k}: {theirs.get(k)} -> {v}" for k, v in shape.items() if theirs.get(k) != v]
+    if diffs:
+        raise UsageError(f"--resume {path}: the checkpoint's model differs from this run's ({'; '.join(diffs)}); "
+                         f"resume with the same --tp and model-size flags")
+    return saved
 
 
 def model_shape(args, vocab: int, seq_length: int) -> dict:
@@ -303,20 +335,12 @@ class MegatronTrainer:
         shard (model, optimizer, selector state) and the step."""
         import torch
 
-        from ds_partitionsel.runs import check_resume, read_resume_record, resume_record
+        from ds_partitionsel.runs import check_resume, resume_record
 
-        saved = read_resume_record(load_dir, None)
-        if saved is None:
-            raise UsageError(f"--resume {load_dir}: the checkpoint has no partitionsel_resume.json")
-        if saved.get("megatron") != shape:
-            diffs = [f"{k}: {(saved.get('megatron') or {}).get(k)} -> {v}" for k, v in shape.items()
-                     if (saved.get("megatron") or {}).get(k) != v]
-            raise UsageError(f"--resume {load_dir}: the checkpoint's model differs from this run's ({'; '.join(diffs)}); "
-                             f"resume with the same --tp and model-size flags")
-        check_resume(saved, resume_record(self.selector), load_dir, allow_changes)
-        with open(os.path.join(load_dir, CHECKPOINT_LATEST)) as fh:
-            tag = fh.read().strip()
-        path = os.path.join(load_dir, tag, f"tp{self.layout.tp_rank}.pt")
+        folder = checkpoint_folder(load_dir)
+        saved = check_checkpoint_shape(load_dir, shape)
+        check_resume(saved, resume_record(self.selector), folder, allow_changes)
+        path = os.path.join(folder, f"tp{self.layout.tp_rank}.pt")
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -357,10 +381,13 @@ def train(args, world: int) -> int:
     if top >= vocab:
         raise UsageError(f"pool {args.pool} holds token id {top}, beyond the tokenizer's vocabulary of {vocab}")
     longest = int(max(pool.lengths.max(), valid.lengths.max()))
-    seq_length = args.seq_length or longest
+    seq_length = args.seq_length or int(manifest.get("max_length") or longest)
     if seq_length < longest:
         raise UsageError(f"--seq-length {seq_length} is shorter than the pool's longest record ({longest} tokens)")
     check_pool_fit(ps_cfg, batch_size, dp, len(pool))
+    shape = model_shape(args, vocab, seq_length)
+    if args.resume:
+        check_checkpoint_shape(args.resume, shape)
     opt = (cfg.get("optimizer") or {}).get("params", {})
     lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
 
@@ -386,7 +413,6 @@ def train(args, world: int) -> int:
         rank_log = open(os.path.join(args.output_dir, "ranks", f"rank{rank}.jsonl"), "a" if args.resume else "w")
     trainer = MegatronTrainer(model, optimizer, selector, micro_batch=micro, sink=sink, rank_log=rank_log,
                               clip=float(cfg.get("gradient_clipping") or 0.0), device=device)
-    shape = model_shape(args, vocab, seq_length)
     if args.resume:
         if rank == 0:
             print(f"resuming from {args.resume} (checkpoints are pickles: only load ones you trust)",
@@ -411,8 +437,10 @@ def train(args, world: int) -> int:
         rec = _guarded(f"training step {step} on rank {rank}", trainer.train_step)
         records.append(rec)
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
+        if args.save_dir and args.save_interval and trainer.global_step % args.save_interval == 0:
+            _guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
     eval_loss = _guarded(f"evaluation at step {trainer.global_step}", evaluate) if args.eval_at_end else None
-    if args.save_dir:
+    if args.save_dir and not (args.save_interval and trainer.global_step % args.save_interval == 0):
         _guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, selector)

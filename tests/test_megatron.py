@@ -86,6 +86,23 @@ def _per_sample_grads(model, names):
     return torch.stack(rows).numpy()
 
 
+def _check_agreement(rank):
+    """check_tp_agreement on agreeing TP peers (no error), then on peers whose ids differ: the message."""
+    from types import SimpleNamespace
+
+    from ds_partitionsel.megatron import MegatronSelector, current_layout
+
+    owner = SimpleNamespace(layout=current_layout(), cfg=SimpleNamespace(timeout_s=60.0))
+    same = SimpleNamespace(step=3, record_ids=torch.tensor([5, 9, 1]), weights=torch.tensor([1.0, 0.5, 0.25]))
+    MegatronSelector.check_tp_agreement(owner, same)
+    other = SimpleNamespace(step=4, record_ids=torch.tensor([5, 9, 1 + rank]), weights=same.weights)
+    try:
+        MegatronSelector.check_tp_agreement(owner, other)
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
 def _sketch_worker(rank, world):
     from megatron.core import parallel_state
 
@@ -94,10 +111,11 @@ def _sketch_worker(rank, world):
     model2, tp2 = _sketches(2)
     names = TensorParallelSketcher(model2, modules=MODULES).module_names
     tp2["autograd"] = _per_sample_grads(model2, names)
+    disagree = _check_agreement(rank)
     parallel_state.destroy_model_parallel()
     _, tp1 = _sketches(1)  # the same world as two TP=1 replicas
     parallel_state.destroy_model_parallel()
-    return {"tp2": tp2, "tp1": tp1, "names": names}
+    return {"tp2": tp2, "tp1": tp1, "names": names, "disagree": disagree}
 
 
 @pytest.fixture(scope="module")
@@ -136,31 +154,10 @@ def test_megatron_tp2_kron_sketch_equals_tp1(sketch_results, kind):
     assert np.abs(ref).max() > 0
 
 
-def _tp_agreement_worker(rank, world):
-    """A TP peer whose selection differs makes check_tp_agreement raise on every peer."""
-    from types import SimpleNamespace
-
-    from megatron.core import parallel_state
-
-    from ds_partitionsel.megatron import MegatronSelector, initialize_parallel
-
-    layout = initialize_parallel(2)
-    owner = SimpleNamespace(layout=layout, cfg=SimpleNamespace(timeout_s=60.0))
-    same = SimpleNamespace(step=3, record_ids=torch.tensor([5, 9, 1]), weights=torch.tensor([1.0, 0.5, 0.25]))
-    MegatronSelector.check_tp_agreement(owner, same)  # agreeing peers: no error
-    other = SimpleNamespace(step=4, record_ids=torch.tensor([5, 9, 1 + rank]), weights=same.weights)
-    try:
-        MegatronSelector.check_tp_agreement(owner, other)
-        raised = ""
-    except RuntimeError as e:
-        raised = str(e)
-    parallel_state.destroy_model_parallel()
-    return raised
-
-
-def test_megatron_tp_peers_that_disagree_are_caught():
-    messages = run_ranks(_tp_agreement_worker, 2, deepspeed=False, timeout=120)
-    assert all("step 4" in m and "selected another batch" in m for m in messages), messages
+def test_megatron_tp_peers_that_disagree_are_caught(sketch_results):
+    """MegatronSelector.check_tp_agreement passes agreeing TP peers and raises on every peer
+    when one selected another batch (run in the sketch workers, TP=2)."""
+    assert all("step 4" in r["disagree"] and "selected another batch" in r["disagree"] for r in sketch_results)
 
 
 # ----------------------------------------------------------------------- the training loop
@@ -170,6 +167,37 @@ def real(tmp_path_factory):
     from real_pool import build_real_pool
 
     return build_real_pool(tmp_path_factory.mktemp("real_megatron"))
+
+
+@pytest.fixture(scope="module")
+def indexed_pool(real, tmp_path_factory):
+    """A pretraining pool built by tools/build_pool.py from Megatron indexed datasets (one per
+    domain, written with megatron-core's IndexedDatasetBuilder from the real records), packed in
+    48-token windows, 10% of the documents held out."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from transformers import AutoTokenizer
+
+    from real_pool import load_tool
+
+    root = tmp_path_factory.mktemp("indexed")
+    tok = AutoTokenizer.from_pretrained(real["tokenizer"])
+    docs = {}
+    for line in open(real["train"]):
+        rec = json.loads(line)
+        docs.setdefault(rec["domain"], []).append(rec["prompt"] + "\n" + rec["response"])
+    sources = []
+    for domain, texts in sorted(docs.items()):
+        builder = IndexedDatasetBuilder(str(root / f"{domain}.bin"), dtype=DType.optimal_dtype(len(tok)))
+        for text in texts:
+            ids = tok.encode(text, add_special_tokens=False)
+            builder.add_document(torch.tensor(ids), [len(ids)])
+        builder.finalize(str(root / f"{domain}.idx"))
+        sources += ["--megatron", f"{domain}={root / domain}"]
+    pool = root / "pool"
+    code = load_tool("build_pool").main(["--tokenizer", str(real["tokenizer"]), *sources, "--pack", "48",
+                                        "--valid-fraction", "0.1", "--out", str(pool), "--quiet"])
+    assert code == 0
+    return pool
 
 
 def _torchrun(args, tmp_path, nproc=4):
@@ -188,14 +216,15 @@ def _records(run_dir):
     return read_metrics(run_dir)
 
 
-def test_megatron_tp2_dp2_trains_agrees_and_resumes(real, tmp_path):
-    """torchrun 4 ranks, TP=2 x DP=2: metrics.jsonl as launch/train.py writes it, every rank
+def test_megatron_tp2_dp2_trains_agrees_and_resumes(indexed_pool, tmp_path):
+    """torchrun 4 ranks, TP=2 x DP=2, on a pool from Megatron indexed datasets: metrics.jsonl as launch/train.py writes it, every rank
     applies the step's selection (TP peers the same share, DP ranks disjoint shares covering the
-    batch), the held-out loss falls; a run saved after 2 steps and resumed selects and trains step
-    2 exactly as the uninterrupted run."""
-    common = ["--tp", "2", "--pool", str(real["pool"]), "--lr", "3e-3"]
-    straight = tmp_path / "straight"
-    _torchrun([*common, "--steps", "3", "--output-dir", str(straight), "--eval-at-start", "--eval-at-end"], tmp_path)
+    batch), the held-out loss falls; the checkpoint saved after 2 steps, resumed, selects and
+    trains step 2 exactly as the uninterrupted run."""
+    common = ["--tp", "2", "--pool", str(indexed_pool), "--lr", "3e-3"]
+    straight, ckpt = tmp_path / "straight", tmp_path / "ckpt"
+    _torchrun([*common, "--steps", "3", "--output-dir", str(straight), "--eval-at-start", "--eval-at-end",
+               "--save-dir", str(ckpt), "--save-interval", "2"], tmp_path)
     steps, evals = _records(straight)
     assert [s.step for s in steps] == [0, 1, 2]
     assert all(s.batch_size == 4 and s.pool_size == 32 and len(s.selected) == 4 for s in steps)
@@ -215,16 +244,16 @@ def test_megatron_tp2_dp2_trains_agrees_and_resumes(real, tmp_path):
         assert sorted(by_dp) == [0, 1] and all(len(set(shares)) == 1 and len(shares) == 2 for shares in by_dp.values())
         assert sorted(by_dp[0][0] + by_dp[1][0]) == sorted(step.selected)
 
-    first, ckpt = tmp_path / "first", tmp_path / "ckpt"
-    _torchrun([*common, "--steps", "2", "--output-dir", str(first), "--save-dir", str(ckpt)], tmp_path)
-    assert (ckpt / "latest").read_text() == "global_step2"
+    # saved at step 2 (interval) and at the end; resume the step-2 checkpoint in a new run directory
+    assert (ckpt / "latest").read_text() == "global_step3"
     assert sorted(p.name for p in (ckpt / "global_step2").iterdir()) == ["partitionsel_resume.json", "tp0.pt", "tp1.pt"]
-    _torchrun([*common, "--steps", "3", "--output-dir", str(first), "--resume", str(ckpt)], tmp_path)
-    resumed, _ = _records(first)
-    assert [s.step for s in resumed] == [0, 1, 2]
-    for a, b in zip(steps, resumed):
-        assert a.selected == b.selected
-        assert abs(a.train_loss - b.train_loss) <= 1e-6 * abs(a.train_loss)
+    resumed_dir = tmp_path / "resumed"
+    _torchrun([*common, "--steps", "3", "--output-dir", str(resumed_dir), "--resume", str(ckpt / "global_step2")],
+              tmp_path)
+    resumed, _ = _records(resumed_dir)
+    assert [s.step for s in resumed] == [2]
+    assert resumed[0].selected == steps[2].selected
+    assert abs(resumed[0].train_loss - steps[2].train_loss) <= 1e-6 * abs(steps[2].train_loss)
 
 
 # ----------------------------------------------------------------------- refused layouts and flags
@@ -256,6 +285,26 @@ def test_megatron_launcher_refuses_bad_layouts(real, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not out.exists()
+
+
+def test_megatron_launcher_refuses_a_checkpoint_of_another_model(real, tmp_path, monkeypatch, capsys):
+    """--resume of a checkpoint whose model has another --tp / size: refused before any process
+    group exists, naming each difference; a folder that is no checkpoint: refused too."""
+    mod = _launcher()
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "global_step2").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step2")
+    shape = {"tp": 4, "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 256,
+             "seq_length": 80, "vocab_size": 999}
+    (ckpt / "global_step2" / "partitionsel_resume.json").write_text(json.dumps({"megatron": shape}))
+    args = ["--pool", str(real["pool"]), "--steps", "3", "--tp", "2"]
+    assert mod.main([*args, "--resume", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "tp: 4 -> 2" in err and "vocab_size: 999 -> " in err, err
+    assert mod.main([*args, "--resume", str(tmp_path)]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
 
 
 def test_megatron_sketcher_refuses_pipeline_and_sequence_parallel_models():
