@@ -79,7 +79,7 @@ from ds_partitionsel.sketch import DEFAULT_NUM_BLOCKS, GradientSketcher, ModuleS
 
 __all__ = ["ParallelLayout", "initialize_parallel", "check_parallel_config", "parallel_linears",
            "TensorParallelSketcher", "MegatronSelector", "gpt_token_losses", "megatron_sequence_loss",
-           "causal_padding_mask", "padded_vocab_size", "check_selection_config", "VOCAB_MULTIPLE", "build_gpt", "current_layout"]
+           "causal_padding_mask", "padded_vocab_size", "check_selection_config", "VOCAB_MULTIPLE", "build_gpt", "check_gpt_shape", "current_layout"]
 
 # the vocabulary is padded to a multiple of this (Megatron pads too: the embedding and the head
 # are split over the TP group); one multiple for every tp that divides it, so that a model's
@@ -180,6 +180,18 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
     return int(math.ceil(vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
 
 
+def check_gpt_shape(*, tp: int, hidden_size: int, num_heads: int, ffn_hidden_size: Optional[int] = None) -> int:
+    """Refuse a model shape that does not split over ``tp`` ranks; returns the FFN size."""
+    ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
+    for what, value in (("--num-heads", num_heads), ("--ffn-hidden-size", ffn_hidden_size)):
+        if value % tp:
+            raise ConfigError(f"{what} {value} must be a multiple of the tensor-parallel size {tp}")
+    if hidden_size % num_heads:
+        raise ConfigError(f"--hidden-size {hidden_size} must be a multiple of --num-heads {num_heads}")
+    padded_vocab_size(1, tp)  # tp must divide the vocabulary's multiple
+    return ffn_hidden_size
+
+
 def build_gpt(*, vocab_size: int, tp: int, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
               ffn_hidden_size: Optional[int] = None, seq_length: int = 64, seed: int = 0, device=None) -> nn.Module:
     """A Megatron-core ``GPTModel`` with the local layer spec (no Transformer Engine), float32,
@@ -191,12 +203,8 @@ def build_gpt(*, vocab_size: int, tp: int, num_layers: int = 2, hidden_size: int
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    ffn_hidden_size = ffn_hidden_size or 4 * hidden_size
-    for what, value in (("--num-heads", num_heads), ("--ffn-hidden-size", ffn_hidden_size)):
-        if value % tp:
-            raise ConfigError(f"{what} {value} must be a multiple of the tensor-parallel size {tp}")
-    if hidden_size % num_heads:
-        raise ConfigError(f"--hidden-size {hidden_size} must be a multiple of --num-heads {num_heads}")
+    ffn_hidden_size = check_gpt_shape(tp=tp, hidden_size=hidden_size, num_heads=num_heads,
+                                      ffn_hidden_size=ffn_hidden_size)
     torch.manual_seed(seed)
     config = TransformerConfig(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_heads,
                                ffn_hidden_size=ffn_hidden_size, tensor_model_parallel_size=tp,

@@ -349,10 +349,12 @@ class MegatronTrainer:
 
 
 def train(args, world: int) -> int:
-    from ds_partitionsel.megatron import check_parallel_config
+    from ds_partitionsel.megatron import check_gpt_shape, check_parallel_config
 
     # every argument and config error before a process group or a model exists
     dp = check_parallel_config(world, args.tp, args.pp, sequence_parallel=args.sequence_parallel)
+    check_gpt_shape(tp=args.tp, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                    ffn_hidden_size=args.ffn_hidden_size)
     cfg, ps_cfg, batch_size, micro = load_config(args, dp)
     check_dirs(args)
     import torch
@@ -375,7 +377,7 @@ def train(args, world: int) -> int:
     valid = CandidatePool(args.pool, "valid")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise UsageError(f"the pool's tokenizer has neither a pad nor an eos token")
+        raise UsageError("the pool's tokenizer has neither a pad nor an eos token")
     vocab = len(tokenizer)
     top = max(max_token_id(args.pool, s) for s in ("train", "valid"))
     if top >= vocab:

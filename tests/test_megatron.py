@@ -273,6 +273,8 @@ def _launcher():
     (["--tp", "2", "--sequence-parallel"], 4, "sequence parallelism is not supported"),
     (["--tp", "2", "--set", "sketch.proxy_model=proxy"], 2, "proxy_model is not supported"),
     (["--tp", "2", "--set", "sketch.modules=lora"], 2, "needs a peft LoRA model"),
+    (["--tp", "2", "--num-heads", "3", "--hidden-size", "48"], 2, "--num-heads 3 must be a multiple of"),
+    (["--tp", "3", "--num-heads", "6", "--hidden-size", "48", "--ffn-hidden-size", "192"], 3, "must divide 128"),
 ])
 def test_megatron_launcher_refuses_bad_layouts(real, tmp_path, monkeypatch, capsys, flags, world, message):
     """Refused with one line and status 2, before any process group or model exists (the world
