@@ -349,9 +349,11 @@ class MegatronTrainer:
 
 
 def train(args, world: int) -> int:
+    from ds_partitionsel.extras import require
     from ds_partitionsel.megatron import check_gpt_shape, check_parallel_config
 
     # every argument and config error before a process group or a model exists
+    require("megatron.core", "launch/train_megatron.py")
     dp = check_parallel_config(world, args.tp, args.pp, sequence_parallel=args.sequence_parallel)
     check_gpt_shape(tp=args.tp, hidden_size=args.hidden_size, num_heads=args.num_heads,
                     ffn_hidden_size=args.ffn_hidden_size)
@@ -393,14 +395,14 @@ def train(args, world: int) -> int:
     opt = (cfg.get("optimizer") or {}).get("params", {})
     lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
 
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     init_distributed(timeout_s=ps_cfg.timeout_s)
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    device = torch.device("cpu")
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     layout = initialize_parallel(args.tp, args.pp, seed=ps_cfg.seed)
     model = build_gpt(vocab_size=vocab, tp=args.tp, num_layers=args.num_layers, hidden_size=args.hidden_size,
                       num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size, seq_length=seq_length,
@@ -446,7 +448,7 @@ def train(args, world: int) -> int:
         _guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, selector)
-        summary.update(eval_loss_start=eval_start, tensor_parallel=args.tp, data_parallel=dp)
+        summary.update(eval_loss_start=eval_start, tensor_parallel=args.tp, data_parallel=dp, device=str(device))
         print(json.dumps(summary, indent=2))
         if args.output_dir:
             with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:

@@ -200,8 +200,8 @@ def indexed_pool(real, tmp_path_factory):
     return pool
 
 
-def _torchrun(args, tmp_path, nproc=4):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+def _torchrun(args, tmp_path, nproc=4, accelerator="cpu"):
+    env = {**os.environ, "DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(REPO / "launch" / "train_megatron.py"), *args]
@@ -254,6 +254,18 @@ def test_megatron_tp2_dp2_trains_agrees_and_resumes(indexed_pool, tmp_path):
     assert [s.step for s in resumed] == [2]
     assert resumed[0].selected == steps[2].selected
     assert abs(resumed[0].train_loss - steps[2].train_loss) <= 1e-6 * abs(steps[2].train_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_megatron_trains_on_cuda_with_nccl(indexed_pool, tmp_path):
+    """One rank on CUDA (NCCL, Megatron's own CUDA buffer and RNG tracker): trains and logs as on the CPU."""
+    out = tmp_path / "cuda"
+    _torchrun(["--tp", "1", "--pool", str(indexed_pool), "--steps", "2", "--output-dir", str(out), "--eval-at-end"],
+              tmp_path, nproc=1, accelerator="cuda")
+    steps, evals = _records(out)
+    assert [s.step for s in steps] == [0, 1] and len(evals) == 1
+    assert json.loads((out / "summary.json").read_text())["device"].startswith("cuda")
 
 
 # ----------------------------------------------------------------------- refused layouts and flags

@@ -85,12 +85,12 @@ def main(argv=None) -> int:
 
     from ds_partitionsel.launch_env import init_distributed
 
-    init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cpu")
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     gen = torch.Generator().manual_seed(args.seed)
