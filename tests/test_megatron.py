@@ -219,8 +219,9 @@ def _records(run_dir):
 def test_megatron_tp2_dp2_trains_agrees_and_resumes(indexed_pool, tmp_path):
     """torchrun 4 ranks, TP=2 x DP=2, on a pool from Megatron indexed datasets: metrics.jsonl as launch/train.py writes it, every rank
     applies the step's selection (TP peers the same share, DP ranks disjoint shares covering the
-    batch), the held-out loss falls; the checkpoint saved after 2 steps, resumed, selects and
-    trains step 2 exactly as the uninterrupted run."""
+    batch), the held-out loss falls; the same run at TP=1 x DP=2 selects the same batches with the
+    same losses; the checkpoint saved after 2 steps, resumed, selects and trains step 2 exactly as
+    the uninterrupted run."""
     common = ["--tp", "2", "--pool", str(indexed_pool), "--lr", "3e-3"]
     straight, ckpt = tmp_path / "straight", tmp_path / "ckpt"
     _torchrun([*common, "--steps", "3", "--output-dir", str(straight), "--eval-at-start", "--eval-at-end",
@@ -243,6 +244,13 @@ def test_megatron_tp2_dp2_trains_agrees_and_resumes(indexed_pool, tmp_path):
             by_dp.setdefault(row["dp_rank"], []).append(tuple(row["my_records"]))
         assert sorted(by_dp) == [0, 1] and all(len(set(shares)) == 1 and len(shares) == 2 for shares in by_dp.values())
         assert sorted(by_dp[0][0] + by_dp[1][0]) == sorted(step.selected)
+
+    # the same run without tensor parallelism (TP=1 x DP=2): the same batches, the same losses
+    whole = tmp_path / "tp1"
+    _torchrun([*common[2:], "--tp", "1", "--steps", "3", "--output-dir", str(whole)], tmp_path, nproc=2)
+    for a, b in zip(steps, _records(whole)[0]):
+        assert a.selected == b.selected
+        assert abs(a.train_loss - b.train_loss) <= 1e-5 * abs(a.train_loss)
 
     # saved at step 2 (interval) and at the end; resume the step-2 checkpoint in a new run directory
     assert (ckpt / "latest").read_text() == "global_step3"
