@@ -79,7 +79,8 @@ from ds_partitionsel.sketch import DEFAULT_NUM_BLOCKS, GradientSketcher, ModuleS
 
 __all__ = ["ParallelLayout", "initialize_parallel", "check_parallel_config", "parallel_linears",
            "TensorParallelSketcher", "MegatronSelector", "gpt_token_losses", "megatron_sequence_loss",
-           "causal_padding_mask", "padded_vocab_size", "check_selection_config", "VOCAB_MULTIPLE", "build_gpt", "check_gpt_shape", "current_layout"]
+           "causal_padding_mask", "padded_vocab_size", "check_selection_config", "VOCAB_MULTIPLE", "build_gpt",
+           "check_gpt_shape", "current_layout"]
 
 # the vocabulary is padded to a multiple of this (Megatron pads too: the embedding and the head
 # are split over the TP group); one multiple for every tp that divides it, so that a model's

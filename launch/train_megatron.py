@@ -66,7 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a partitionsel key, e.g. --set pool_factor=4 --set sketch.mode=exact")
     ap.add_argument("--output-dir", default=None, help="this run's directory: metrics.jsonl, summary.json, ranks/")
-    ap.add_argument("--save-dir", default=None, help="save a checkpoint here at the end (and every --save-interval steps)")
+    ap.add_argument("--save-dir", default=None,
+                    help="save a checkpoint here at the end (and every --save-interval steps)")
     ap.add_argument("--save-interval", type=_count("--save-interval", 0), default=0,
                     help="also save every N steps (0: only at the end)")
     ap.add_argument("--resume", default=None,
@@ -111,9 +112,11 @@ def load_config(args, dp: int):
     batch = train_batch_size(cfg, dp)
     if batch is None:
         raise ConfigError(f"{args.config} sets no train_micro_batch_size_per_gpu (or train_batch_size)")
-    micro = int(cfg.get("train_micro_batch_size_per_gpu") or batch // dp // int(cfg.get("gradient_accumulation_steps", 1)))
-    if batch % (micro * dp):
-        raise ConfigError(f"train_batch_size {batch} is not a multiple of micro batch {micro} x {dp} data-parallel ranks")
+    accumulation = int(cfg.get("gradient_accumulation_steps") or 1)
+    micro = int(cfg.get("train_micro_batch_size_per_gpu") or batch // dp // accumulation)
+    if micro < 1 or batch % (micro * dp):
+        raise ConfigError(f"train_batch_size {batch} is not a multiple of micro batch {micro} x {dp} "
+                          f"data-parallel ranks")
     return cfg, ps_cfg, batch, micro
 
 
@@ -154,6 +157,9 @@ def check_checkpoint_shape(path: str, shape: dict) -> dict:
 
     folder = checkpoint_folder(path)
     saved = read_resume_record(os.path.dirname(folder), os.path.basename(folder))
+    if saved is None:
+        raise UsageError(f"--resume {path}: {folder} has no partitionsel_resume.json; it is not a checkpoint "
+                         f"of launch/train_megatron.py")
     theirs = saved.get("megatron") or {}
     diffs = [f"{k}: {theirs.get(k)} -> {v}" for k, v in shape.items() if theirs.get(k) != v]
     if diffs:
@@ -244,9 +250,10 @@ class MegatronTrainer:
                              time_train=time.perf_counter() - start, log_conflicts=step % log_interval == 0)
         self.sink.emit(record)
         if self.rank_log is not None:
-            self.rank_log.write(json.dumps({"step": step, "rank": self.rank, "tp_rank": self.layout.tp_rank, "dp_rank": self.layout.dp_rank,
-                                            "selected": [int(i) for i in selection.record_ids.tolist()],
-                                            "my_records": list(selection.my_records)}) + "\n")
+            line = {"step": step, "rank": self.rank, "tp_rank": self.layout.tp_rank, "dp_rank": self.layout.dp_rank,
+                    "selected": [int(i) for i in selection.record_ids.tolist()],
+                    "my_records": list(selection.my_records)}
+            self.rank_log.write(json.dumps(line) + "\n")
             self.rank_log.flush()
         if self.cfg.eval_interval and self.global_step % self.cfg.eval_interval == 0:
             self.sink.emit(EvalRecord(step=self.global_step, method=self.cfg.method, eval_loss=self.evaluate()))

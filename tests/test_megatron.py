@@ -217,11 +217,11 @@ def _records(run_dir):
 
 
 def test_megatron_tp2_dp2_trains_agrees_and_resumes(indexed_pool, tmp_path):
-    """torchrun 4 ranks, TP=2 x DP=2, on a pool from Megatron indexed datasets: metrics.jsonl as launch/train.py writes it, every rank
-    applies the step's selection (TP peers the same share, DP ranks disjoint shares covering the
-    batch), the held-out loss falls; the same run at TP=1 x DP=2 selects the same batches with the
-    same losses; the checkpoint saved after 2 steps, resumed, selects and trains step 2 exactly as
-    the uninterrupted run."""
+    """torchrun 4 ranks, TP=2 x DP=2, on a pool from Megatron indexed datasets: metrics.jsonl as
+    launch/train.py writes it, every rank applies the step's selection (TP peers the same share,
+    DP ranks disjoint shares covering the batch), the held-out loss falls; the same run at
+    TP=1 x DP=2 selects the same batches with the same losses; the checkpoint saved after 2
+    steps, resumed, selects and trains step 2 exactly as the uninterrupted run."""
     common = ["--tp", "2", "--pool", str(indexed_pool), "--lr", "3e-3"]
     straight, ckpt = tmp_path / "straight", tmp_path / "ckpt"
     _torchrun([*common, "--steps", "3", "--output-dir", str(straight), "--eval-at-start", "--eval-at-end",
@@ -327,6 +327,9 @@ def test_megatron_launcher_refuses_a_checkpoint_of_another_model(real, tmp_path,
     assert "tp: 4 -> 2" in err and "vocab_size: 999 -> " in err, err
     assert mod.main([*args, "--resume", str(tmp_path)]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    (ckpt / "latest").write_text("global_step9")  # latest names a folder without a record
+    assert mod.main([*args, "--resume", str(ckpt)]) == 2
+    assert "has no partitionsel_resume.json" in capsys.readouterr().err
 
 
 def test_megatron_sketcher_refuses_pipeline_and_sequence_parallel_models():
