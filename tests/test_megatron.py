@@ -39,6 +39,8 @@ SKETCHES = {  # name -> GradientSketcher options
     "kron": dict(mode="kron", kron_dims=(8, 8)),            # both sides projected: summed over TP
     "kron_out_identity": dict(mode="kron", kron_dims=(8, 1024)),  # output side whole: concatenated
     "kron_dim": dict(mode="kron", kron_dims=(8, 8), dim=64, normalize=True),
+    # the LM head (a column-parallel linear over the vocabulary), named explicitly
+    "exact_head": dict(mode="exact", modules=["output_layer", "decoder.layers.1.mlp.linear_fc2"]),
 }
 MODULES = "all_linear"
 
@@ -51,8 +53,8 @@ def _sketches(tp):
     ids, attention, loss_mask = _batch()
     out = {}
     for name, opts in SKETCHES.items():
-        opts = {"normalize": False, **opts}
-        sk = TensorParallelSketcher(model, modules=MODULES, seed=11, **opts)
+        opts = {"normalize": False, "modules": MODULES, **opts}
+        sk = TensorParallelSketcher(model, seed=11, **opts)
         feats, losses = sk.sketch(ids, attention, loss_mask, return_losses=True, batch_size=3)
         out[name] = feats.double().numpy()
         out[name + "_losses"] = losses.double().numpy()
@@ -142,11 +144,12 @@ def test_megatron_tp2_exact_sketch_equals_tp1_and_autograd(sketch_results):
     assert np.abs(g2).max() > 0
 
 
-@pytest.mark.parametrize("kind", ["kron", "kron_out_identity", "kron_dim"])
+@pytest.mark.parametrize("kind", ["kron", "kron_out_identity", "kron_dim", "exact_head"])
 def test_megatron_tp2_kron_sketch_equals_tp1(sketch_results, kind):
     """Kron sketches (projected on both sides: summed partial sketches; whole on the output
-    side: concatenated shards; with the final dense projection) equal the TP=1 sketches of the
-    same weights and seed up to float rounding, and are the same bits on both TP ranks."""
+    side: concatenated shards; with the final dense projection), and the exact sketch of the LM
+    head, equal the TP=1 sketches of the same weights and seed up to float rounding, and are the
+    same bits on both TP ranks."""
     a, b = sketch_results[0]["tp2"][kind], sketch_results[1]["tp2"][kind]
     ref = sketch_results[0]["tp1"][kind]
     np.testing.assert_array_equal(a, b)
