@@ -4,9 +4,9 @@ The core (selection, sketches, the DeepSpeed engine, the pool reader) needs only
 ``pip install ds_partitionsel`` brings. The rest is optional::
 
     mpi       mpi4py                        tools/build_pool.py under mpiexec
-    plots     matplotlib                    tools/analyze_run.py, tools/experiment.py
+    plots     matplotlib                    tools/analyze_run.py, tools/experiment.py, tools/evidence.py
     lora      peft                          LoRA adapters (launch/train.py --lora)
-    megatron  megatron-core                 Megatron indexed datasets as pool sources
+    megatron  megatron-core                 Megatron indexed datasets as pool sources; TP sketches + launch/train_megatron.py
     demo      gguf, accelerate              tools/fetch_demo_data.py (the SmolLM2 GGUF file)
 """
 import importlib

@@ -384,7 +384,10 @@ def run_one(spec: dict) -> dict:
 
 def sft_model(spec: dict):
     """SmolLM2-135M-Instruct from its local folder with LoRA (rank 16) on the last 3 blocks."""
-    from peft import LoraConfig, get_peft_model
+    from ds_partitionsel.extras import require
+
+    peft = require("peft", "the SFT phase of tools/evidence.py (LoRA)")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
@@ -763,9 +766,9 @@ def conflict_rate_diffs(methods: dict, reference: str = "partitionsel") -> dict:
 
 
 def plot_curves(methods: dict, setting: str, target_domain: str, path: Path, title: str) -> None:
-    import matplotlib
+    from ds_partitionsel.extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "the plots of tools/evidence.py").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -797,9 +800,9 @@ def plot_curves(methods: dict, setting: str, target_domain: str, path: Path, tit
 
 
 def plot_domains(methods: dict, path: Path, title: str, show=("random", "greats", "greats_domain", "partitionsel")) -> None:
-    import matplotlib
+    from ds_partitionsel.extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "the plots of tools/evidence.py").use("Agg")
     import matplotlib.pyplot as plt
 
     domains = sorted(next(iter(next(iter(methods.values())).values()))["evals"][-1]["loss"])

@@ -37,7 +37,7 @@ part() {  # name, timeout seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
 "$PY" -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0)}))" >"$OUT/torch.json" 2>&1
 
-part gpu_tests 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+part gpu_tests 180 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_megatron.py -p no:cacheprovider
 if [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors >/dev/null 2>&1; then MODEL_ARGS=(--model "$MODEL" --num-layers 6)
 else MODEL_ARGS=(--tiny llama --tokenizer "$MODEL"); fi
 if [ -f .cache/demo_data/train.jsonl ]; then
