@@ -62,7 +62,7 @@ ABLATIONS = {  # name -> overrides of the partitionsel block
     "weighted_loss": {"use_weights": True},
     "uniform_budgets": {"budget": {"strategy": "uniform"}},
 }
-SFT_METHODS = ("random", "greats", "greats_domain", "iwd", "gradmatch", "partitionsel")
+SFT_METHODS = ("random", "greats", "greats_domain", "partitionsel")  # what 2 cores afford; any of METHODS
 TARGET_SHARE = 0.8
 
 
@@ -107,12 +107,12 @@ def parse_args(argv=None):
     s.add_argument("--sft-model", default=".cache/models/smollm2-135m")
     s.add_argument("--sft-steps", type=int, default=40)
     s.add_argument("--sft-batch", type=int, default=4)
-    s.add_argument("--sft-factor", type=int, default=4)
+    s.add_argument("--sft-factor", type=int, default=2, help="pool = factor x batch (CPU default: 2)")
     s.add_argument("--sft-max-tokens", type=int, default=128, help="records truncated to this many tokens")
     s.add_argument("--sft-methods", nargs="+", default=list(SFT_METHODS), choices=list(METHODS))
     s.add_argument("--sft-lr", type=float, default=5e-4)
-    s.add_argument("--sft-eval-interval", type=int, default=10)
-    s.add_argument("--sft-eval-per-domain", type=int, default=16)
+    s.add_argument("--sft-eval-interval", type=int, default=20)
+    s.add_argument("--sft-eval-per-domain", type=int, default=8)
     return ap.parse_args(argv)
 
 
