@@ -135,6 +135,10 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
              - evidence.weighted_loss(by[("partitionsel", s)]["evals"][-1]["loss"], mix) for s in (1, 2)]
     assert rows["greats_domain"]["vs_ref"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert rows["greats_domain"]["vs_ref"]["n"] == 2 and rows["greats_domain"]["vs_ref"]["ci"] >= 0
+    # a claim reads PartitionSel minus the baseline: negative = PartitionSel better
+    claim = tables["pretrain_target_x2"]["claims"]["better than per-domain selection"]["greats_domain"]
+    assert claim["diff"]["mean"] == pytest.approx(-sum(diffs) / 2)
+    assert claim["verdict"] == evidence.verdict(claim["diff"])
     md = (kept / "tables.md").read_text()
     assert "target validation" in md and "±" in md and "fewer conflicting pairs" in md
     for tag in ("pretrain_matched_x2", "pretrain_target_x2"):

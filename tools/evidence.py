@@ -844,7 +844,9 @@ def report(results: Path, target_domain: str = "code") -> dict:
         md.append(table_markdown(title, rows, order, "partitionsel"))
         claims = {}
         for claim, baselines in CLAIMS:
-            cells = {b: rows[b]["vs_ref"] for b in baselines if b in rows}
+            # the rows hold baseline minus reference; a claim reads reference minus baseline
+            cells = {b: dict(rows[b]["vs_ref"], mean=-rows[b]["vs_ref"]["mean"]) for b in baselines
+                     if b in rows and rows[b]["vs_ref"]["mean"] is not None}
             claims[claim] = {b: {"diff": c, "verdict": verdict(c)} for b, c in cells.items()}
         pairs = {b: paired_pairs(methods, "partitionsel", b) for b in ("greats", "greats_domain", "iwd", "random")
                  if b in methods}
