@@ -545,12 +545,23 @@ def keep_results(out: Path, results: Path) -> Path:
             rec = json.loads(line)
             runs[rec["name"]] = rec
     for path in sorted(out.glob("**/summary.json")):
-        rec = json.loads(path.read_text())
+        rec = _rounded(json.loads(path.read_text()))
         runs[rec["name"]] = rec
     tmp = kept.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(runs[k], sort_keys=True) + "\n" for k in sorted(runs)))
     os.replace(tmp, kept)
     return kept
+
+
+def _rounded(value, digits: int = 5):
+    """Floats cut to ``digits`` decimals (kept results stay small; losses differ in the 2nd-3rd)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def ci95(values) -> dict:
@@ -788,11 +799,13 @@ def plot_curves(methods: dict, setting: str, target_domain: str, path: Path, tit
         axes[0].plot(steps, score.mean(0), label=method, **style)
         mean, half = diff.mean(0), np.array([ci95(diff[:, j])["ci"] or 0.0 for j in range(n)])
         axes[1].plot(steps, mean, label=method, **style)
-        if method != "random":
-            axes[1].fill_between(steps, mean - half, mean + half, alpha=0.12)
-    axes[0].set(xlabel="step", ylabel="held-out loss (setting mix)", title=title, yscale="log")
+        if method == "partitionsel":  # one band keeps the plot readable; the tables hold every CI
+            axes[1].fill_between(steps, mean - half, mean + half, alpha=0.15, color=axes[1].lines[-1].get_color())
+    axes[0].set(xlabel="step", ylabel="held-out loss (setting mix)", yscale="log")
+    axes[0].set_title(title, fontsize=9)
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set(xlabel="step", ylabel="Δ vs random (paired; 95% CI)", title="difference to random, same seed")
+    axes[1].set(xlabel="step", ylabel="Δ vs random (paired by seed)")
+    axes[1].set_title("difference to random, same seed (band: PartitionSel's 95% CI)", fontsize=9)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -817,7 +830,7 @@ def plot_domains(methods: dict, path: Path, title: str, show=("random", "greats"
             ax.plot(steps, np.mean([[e["loss"][d] for e in r["evals"][:n]] for r in runs], 0), label=method)
         ax.set(title=f"{d}", xlabel="step", ylabel="held-out loss", yscale="log")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
