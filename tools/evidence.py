@@ -62,7 +62,7 @@ ABLATIONS = {  # name -> overrides of the partitionsel block
     "weighted_loss": {"use_weights": True},
     "uniform_budgets": {"budget": {"strategy": "uniform"}},
 }
-SFT_METHODS = ("random", "greats", "greats_domain", "partitionsel")  # what 2 cores afford; any of METHODS
+SFT_METHODS = ("random", "greats", "greats_domain", "iwd", "gradmatch", "partitionsel")
 TARGET_SHARE = 0.8
 
 
