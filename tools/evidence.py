@@ -594,15 +594,16 @@ def time_to_target(points: list, target: float):
 
 
 def group_runs(runs: list) -> dict:
-    """{(kind, variant, factor): {method: {seed: run}}} with the validation-free runs under both
-    settings: key (kind, variant, factor, setting)."""
+    """{(kind, variant, factor, setting): {method: {seed: run}}}, the validation-free runs under
+    every setting that other methods ran in."""
     groups = {}
     for run in runs:
         settings = list(SETTINGS) if run["setting"] == "any" else [run["setting"]]
         for setting in settings:
             key = (run["kind"], run["variant"], run["factor"], setting)
             groups.setdefault(key, {}).setdefault(run["method"], {})[run["seed"]] = run
-    return groups
+    # a setting that no anchor-reading method ran in has nothing to compare
+    return {key: methods for key, methods in groups.items() if set(methods) - set(VALIDATION_FREE)}
 
 
 def method_table(methods: dict, setting: str, target_domain: str, reference: str = "partitionsel") -> dict:
