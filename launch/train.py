@@ -93,18 +93,18 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def load_config(path, args):
-    """The DeepSpeed config with the command line's overrides applied; the ``partitionsel`` block
-    validated (:class:`ConfigError` names the key). Returns ``(config dict, PartitionSelConfig)``."""
+def read_config(path, args, flag: str = "--deepspeed_config") -> dict:
+    """The JSON config at ``path`` (given as ``flag``) with the command line's ``--method``,
+    ``--seed`` and ``--set`` applied to its ``partitionsel`` block (created when missing)."""
     try:
         with open(path) as fh:
             cfg = json.load(fh)
     except OSError as e:
-        raise UsageError(f"cannot read --deepspeed_config {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot read {flag} {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"--deepspeed_config {path} is not valid JSON: {e}") from None
+        raise UsageError(f"{flag} {path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise UsageError(f"--deepspeed_config {path} must hold a JSON object, got {type(cfg).__name__}")
+        raise UsageError(f"{flag} {path} must hold a JSON object, got {type(cfg).__name__}")
     block = cfg.setdefault("partitionsel", {})
     if not isinstance(block, dict):
         raise ConfigError(f"partitionsel in {path} must be a JSON object, got {type(block).__name__}")
@@ -114,7 +114,14 @@ def load_config(path, args):
         block["seed"] = args.seed
     for item in args.set:
         apply_override(block, item)
-    ps_cfg = PartitionSelConfig.from_dict(block)
+    return cfg
+
+
+def load_config(path, args):
+    """The DeepSpeed config with the command line's overrides applied; the ``partitionsel`` block
+    validated (:class:`ConfigError` names the key). Returns ``(config dict, PartitionSelConfig)``."""
+    cfg = read_config(path, args)
+    ps_cfg = PartitionSelConfig.from_dict(cfg["partitionsel"])
     check_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     return cfg, ps_cfg
 

@@ -31,9 +31,10 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from train import StepFailed, UsageError, _count, _guarded, _positive_float, max_token_id, summarize  # noqa: E402
+from train import (StepFailed, UsageError, _count, _guarded, _positive_float, max_token_id, read_config,  # noqa: E402
+                   summarize)
 
-from ds_partitionsel.config import ConfigError, apply_override, split_deepspeed_config, train_batch_size  # noqa: E402
+from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "ds_configs", "megatron.json")
@@ -84,24 +85,7 @@ def parse_args(argv=None):
 def load_config(args, dp: int):
     """``(DeepSpeed-style dict without the block, PartitionSelConfig, global batch)`` with the
     command line's overrides; the batch is micro x accumulation x the data-parallel size ``dp``."""
-    try:
-        with open(args.config) as fh:
-            raw = json.load(fh)
-    except OSError as e:
-        raise UsageError(f"cannot read --config {args.config}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config {args.config} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"--config {args.config} must hold a JSON object, got {type(raw).__name__}")
-    block = raw.setdefault("partitionsel", {})
-    if not isinstance(block, dict):
-        raise ConfigError(f"partitionsel in {args.config} must be a JSON object, got {type(block).__name__}")
-    if args.method:
-        block["method"] = args.method
-    if args.seed is not None:
-        block["seed"] = args.seed
-    for item in args.set:
-        apply_override(block, item)
+    raw = read_config(args.config, args, "--config")
     cfg, ps_cfg, _ = split_deepspeed_config(raw)
     from ds_partitionsel.megatron import check_selection_config
 

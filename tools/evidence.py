@@ -642,31 +642,34 @@ def method_table(methods: dict, setting: str, target_domain: str, reference: str
         row["train_s"] = float(np.mean([r["train_s"] for r in seeds.values()]))
         pairs = [r["pairs"] for r in seeds.values() if r["pairs"]["within"] + r["pairs"]["cross"] > 0]
         if pairs:
-            row["pairs"] = pair_summary(pairs, seeds, method)
+            row["pairs"] = pair_summary(pairs, seeds)
         rows[method] = row
     return rows
 
 
-def pair_summary(pairs: list, seeds: dict, method: str) -> dict:
-    """Conflicting pairs per batch and conflict rates within / across domains (means over seeds)."""
-    def rate(p, kind):
-        return p[f"{kind}_conflict"] / p[kind] if p[kind] else float("nan")
+def conflict_rate(pairs: dict, kind: str):
+    """Share of a run's ``kind`` ("within" / "cross") pairs that conflict; None without such pairs."""
+    return pairs[f"{kind}_conflict"] / pairs[kind] if pairs and pairs[kind] else None
 
-    batches = []
-    for r in seeds.values():
-        k = r["batch"]
-        total = r["pairs"]["within"] + r["pairs"]["cross"]
-        n_batches = total / (k * (k - 1) / 2) if total else 0
-        batches.append((r["pairs"]["within_conflict"] + r["pairs"]["cross_conflict"]) / n_batches if n_batches else None)
-    out = {"per_batch": ci95(batches),
-           "within_rate": ci95([rate(p, "within") for p in pairs]),
-           "cross_rate": ci95([rate(p, "cross") for p in pairs]),
-           "cross_share": ci95([p["cross"] / (p["within"] + p["cross"]) for p in pairs])}
+
+def conflicts_per_batch(run: dict):
+    """Conflicting pairs per selected batch of ``run`` (its measured pairs over its batches)."""
+    k, p = run["batch"], run["pairs"]
+    total = p["within"] + p["cross"]
+    return (p["within_conflict"] + p["cross_conflict"]) / (total / (k * (k - 1) / 2)) if total else None
+
+
+def pair_summary(pairs: list, seeds: dict) -> dict:
+    """Conflicting pairs per batch and conflict rates within / across domains (means over seeds)."""
+    def rates(measured):
+        return {"within_rate": ci95([conflict_rate(p, "within") for p in measured]),
+                "cross_rate": ci95([conflict_rate(p, "cross") for p in measured]),
+                "cross_share": ci95([p["cross"] / (p["within"] + p["cross"]) for p in measured])}
+
+    out = dict(per_batch=ci95([conflicts_per_batch(r) for r in seeds.values()]), **rates(pairs))
     pool = [r["pool_pairs"] for r in seeds.values() if r.get("pool_pairs") and r["pool_pairs"]["within"]]
     if pool:
-        out["pool"] = {"within_rate": ci95([rate(p, "within") for p in pool]),
-                       "cross_rate": ci95([rate(p, "cross") for p in pool]),
-                       "cross_share": ci95([p["cross"] / (p["within"] + p["cross"]) for p in pool])}
+        out["pool"] = rates(pool)
     return out
 
 
@@ -739,15 +742,9 @@ def pairs_markdown(rows: dict, order: list) -> str:
 
 def paired_pairs(methods: dict, reference: str, other: str):
     """Paired difference of conflicting pairs per batch (reference minus other) over common seeds."""
-    def per_batch(r):
-        k = r["batch"]
-        total = r["pairs"]["within"] + r["pairs"]["cross"]
-        return (r["pairs"]["within_conflict"] + r["pairs"]["cross_conflict"]) / (total / (k * (k - 1) / 2)) \
-            if total else None
-
     a, b = methods.get(reference, {}), methods.get(other, {})
-    diffs = [per_batch(a[s]) - per_batch(b[s]) for s in sorted(set(a) & set(b))
-             if per_batch(a[s]) is not None and per_batch(b[s]) is not None]
+    pairs = [(conflicts_per_batch(a[s]), conflicts_per_batch(b[s])) for s in sorted(set(a) & set(b))]
+    diffs = [x - y for x, y in pairs if x is not None and y is not None]
     return dict(ci95(diffs), lower=sum(d < 0 for d in diffs), seeds=len(diffs))
 
 
@@ -755,24 +752,16 @@ def conflict_rate_diffs(methods: dict, reference: str = "partitionsel") -> dict:
     """The conflicting-pairs hypothesis as paired differences of conflict rates (reference minus
     other, per seed): within a domain and across domains, against the other selectors and
     against the pool's own rate (measured in the ``random`` run of the same seed)."""
-    def rate(p, kind):
-        return p[f"{kind}_conflict"] / p[kind] if p and p[kind] else None
-
     ref = methods.get(reference, {})
     out = {}
-    others = [(m, lambda r: r["pairs"]) for m in ("iwd", "greats_domain", "greats", "random") if m in methods]
-    others.append(("pool", None))
-    for other, get in others:
+    for other in [m for m in ("iwd", "greats_domain", "greats", "random") if m in methods] + ["pool"]:
         source = methods.get("random", {}) if other == "pool" else methods[other]
+        key = "pool_pairs" if other == "pool" else "pairs"
         row = {}
         for kind in ("within", "cross"):
-            diffs = []
-            for s in sorted(set(ref) & set(source)):
-                mine = rate(ref[s]["pairs"], kind)
-                theirs = rate(source[s].get("pool_pairs") if other == "pool" else source[s]["pairs"], kind)
-                if mine is not None and theirs is not None:
-                    diffs.append(mine - theirs)
-            row[kind] = ci95(diffs)
+            pairs = [(conflict_rate(ref[s]["pairs"], kind), conflict_rate(source[s].get(key), kind))
+                     for s in sorted(set(ref) & set(source))]
+            row[kind] = ci95([x - y for x, y in pairs if x is not None and y is not None])
         out[other] = row
     return out
 
