@@ -336,9 +336,18 @@ def train(args) -> int:
         if args.output_dir:
             with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
+    return finish(ps_cfg.timeout_s)
+
+
+def finish(timeout_s: float) -> int:
+    """End a run on every rank: wait for the others (rank 0 writes the summary last), then leave
+    the process group. A rank that exits while the backend's threads still run can abort
+    ("terminate called without an active exception")."""
+    import torch
+
     from ds_partitionsel.collectives import Communicator
 
-    _guarded("the final barrier", lambda: Communicator(None, ps_cfg.timeout_s, "end of training").barrier("barrier"))
+    _guarded("the final barrier", lambda: Communicator(None, timeout_s, "end of training").barrier("barrier"))
     torch.distributed.destroy_process_group()
     return 0
 

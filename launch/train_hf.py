@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 
 from train import StepFailed, UsageError, build_model, check_vocabulary, load_config  # noqa: E402
 from train import main as train_main  # noqa: E402
-from train import place_monitors, summarize  # noqa: E402
+from train import finish, place_monitors, summarize  # noqa: E402
 
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
@@ -118,7 +118,7 @@ def train(args) -> int:
         print(json.dumps(summary, indent=2))
         with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
-    return 0
+    return finish(ps_cfg.timeout_s)
 
 
 def main(argv=None) -> int:
