@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-STRATEGIES = ("proportional", "uniform", "fractions", "minority_full")
+STRATEGIES = ("proportional", "uniform", "fractions", "minority_full", "validation", "curriculum")
 
 
 def _as_counts(domain_counts) -> list:
@@ -22,7 +22,10 @@ def _as_counts(domain_counts) -> list:
 
 def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
                      fractions: Optional[Sequence[float]] = None,
-                     minority_domains: Optional[Sequence[int]] = None) -> torch.Tensor:
+                     minority_domains: Optional[Sequence[int]] = None,
+                     target_counts: Optional[Sequence[int]] = None,
+                     gains: Optional[Sequence[float]] = None,
+                     floor: float = 0.0, lam: float = 0.5) -> torch.Tensor:
     """Split a batch of ``k`` picks into per-domain budgets ``b`` with ``sum(b) == k``.
 
     Parameters
@@ -39,7 +42,18 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
         - ``fractions``: quota ``f_j * k`` for the given ``fractions`` (sum to 1), floored, the
           remainder to the largest fractional parts (ties to the lower domain id).
         - ``minority_full``: every candidate of ``minority_domains``, the rest proportional.
+        - ``validation``: follow the validation set. Shares
+          ``s_j = floor * n_j/N + (1 - floor) * t_j/T`` with ``t`` = ``target_counts`` (the
+          held-out anchors' expected domain counts), apportioned by largest remainder.
+          ``floor`` is the coverage floor: every domain keeps at least that fraction of its
+          proportional share (``floor = 1`` is ``proportional``).
+        - ``curriculum`` (the official code's curriculum-aware rule): raw
+          ``c_j = k/D - (k/lam) * z_j`` with ``z`` the standardized ``gains`` (per-domain EMA of
+          the relative change of the domain's alignment with the validation target), clipped to
+          ``[0, n_j]``; shares ``s_j = floor * n_j/N + (1 - floor) * c_j / sum(c)``, apportioned.
         Budgets are never above ``n_j``: any excess is handed on by :func:`rebalance_budgets`.
+        Every rule is exact rational arithmetic on the inputs (floats enter as their exact
+        binary value), so every rank computes the same budgets.
 
     Returns
     -------
@@ -73,12 +87,17 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
         fr = [Fraction(float(f)) for f in fractions]
         if any(f < 0 for f in fr) or sum(fr) == 0:
             raise ValueError(f"fractions must be non-negative and not all zero, got {list(fractions)}")
-        fr = [f / sum(fr) for f in fr]
-        quotas = [f * k for f in fr]
-        budgets = [int(q) for q in quotas]
-        order = sorted(range(len(counts)), key=lambda j: (-(quotas[j] - budgets[j]), j))
-        for j in order[: k - sum(budgets)]:
-            budgets[j] += 1
+        budgets = _largest_remainder(fr, k)
+    elif strategy in ("validation", "curriculum"):
+        fl = Fraction(float(floor))
+        if not 0 <= fl <= 1:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        if strategy == "validation":
+            wanted = _target_shares(target_counts, counts)
+        else:
+            wanted = _curriculum_shares(gains, counts, k, lam)
+        prop = [Fraction(c, total) for c in counts]
+        budgets = _largest_remainder([fl * p + (1 - fl) * w for p, w in zip(prop, wanted)], k)
     else:  # minority_full
         listed = sorted(set(int(j) for j in (minority_domains or ())))
         if not listed or any(j < 0 or j >= len(counts) for j in listed):
@@ -93,6 +112,55 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
             budgets[j] = counts[j]
     budgets, _ = rebalance_budgets(budgets, counts, total=k)
     return torch.tensor(budgets, dtype=torch.int64)
+
+
+def _largest_remainder(weights: list, k: int) -> list:
+    """Apportion ``k`` units by non-negative rational ``weights`` (any scale): floors of the
+    quotas, then +1 to the largest remainders, ties to the lower domain id."""
+    scale = sum(weights)
+    quotas = [w * k / scale for w in weights]
+    budgets = [int(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda j: (-(quotas[j] - budgets[j]), j))
+    for j in order[: k - sum(budgets)]:
+        budgets[j] += 1
+    return budgets
+
+
+def _target_shares(target_counts, counts: list) -> list:
+    """``t_j / T`` over the domains the pool holds (a target domain absent from the pool is
+    dropped; with no target domain present, the pool's own mix)."""
+    if target_counts is None:
+        raise ValueError("strategy 'validation' needs target_counts: the validation set's count of "
+                         "each domain, e.g. [40, 8, 2]")
+    target = _as_counts(target_counts)
+    if len(target) != len(counts):
+        raise ValueError(f"target_counts has {len(target)} entries for {len(counts)} domains")
+    target = [t if c > 0 else 0 for t, c in zip(target, counts)]
+    if sum(target) == 0:
+        target = counts
+    return [Fraction(t, sum(target)) for t in target]
+
+
+def _curriculum_shares(gains, counts: list, k: int, lam: float) -> list:
+    """``c_j / sum(c)`` with ``c_j = clip(k/D - (k/lam) z_j, 0, n_j)`` over present domains."""
+    if gains is None or len(gains) != len(counts):
+        raise ValueError(f"strategy 'curriculum' needs one gain per domain ({len(counts)}), got {gains!r}")
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    present = [j for j, c in enumerate(counts) if c > 0]
+    g = [Fraction(float(gains[j])) for j in present]
+    mean = sum(g) / len(g)
+    var = sum((x - mean) ** 2 for x in g) / len(g)
+    # sqrt is the one irrational step: a float of an exact rational, then exact again
+    std = Fraction(float(var) ** 0.5) if var > 0 else Fraction(0)
+    raw = [Fraction(0)] * len(counts)
+    for j, x in zip(present, g):
+        z = (x - mean) / std if std > 0 else Fraction(0)
+        c = Fraction(k, len(present)) - Fraction(k) / Fraction(float(lam)) * z
+        raw[j] = min(max(c, Fraction(0)), Fraction(counts[j]))
+    if sum(raw) == 0:
+        return [Fraction(c, sum(counts)) for c in counts]
+    return [r / sum(raw) for r in raw]
 
 
 def _proportional(counts: list, k: int) -> list:

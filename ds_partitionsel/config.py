@@ -62,12 +62,40 @@ class _Block(BaseModel):
 class BudgetConfig(_Block):
     """How the batch of k is split over domains (see :func:`ds_partitionsel.budgets.allocate_budgets`)."""
 
-    strategy: Literal[STRATEGIES] = "proportional"
+    strategy: Literal[STRATEGIES] = "validation"
     fractions: Optional[List[float]] = Field(
         None, json_schema_extra=_expects("null or a list of numbers >= 0, one per domain in the pool's "
                                          "domain order, not all 0"))
     minority_domains: Optional[List[str]] = Field(
         None, json_schema_extra=_expects('null or a list of domain names, e.g. ["code"]'))
+    floor: float = Field(0.25, json_schema_extra=_expects(
+        "a number in [0, 1]: the coverage floor of the 'validation' and 'curriculum' strategies "
+        "(every domain keeps at least this fraction of its proportional share)"))
+    curriculum_lambda: float = Field(0.5, json_schema_extra=_expects(
+        "a finite number > 0 (the 'curriculum' rule's lambda: smaller moves budgets more)"))
+    curriculum_beta: float = Field(0.9, json_schema_extra=_expects(
+        "a number in [0, 1) (EMA factor of the 'curriculum' rule's per-domain gains)"))
+
+    @field_validator("floor")
+    @classmethod
+    def _floor(cls, v):
+        if not (math.isfinite(v) and 0 <= v <= 1):
+            raise PydanticCustomError("partitionsel", "bad floor")
+        return v
+
+    @field_validator("curriculum_lambda")
+    @classmethod
+    def _lam(cls, v):
+        if not math.isfinite(v) or v <= 0:
+            raise PydanticCustomError("partitionsel", "bad lambda")
+        return v
+
+    @field_validator("curriculum_beta")
+    @classmethod
+    def _beta(cls, v):
+        if not (math.isfinite(v) and 0 <= v < 1):
+            raise PydanticCustomError("partitionsel", "bad beta")
+        return v
 
     @field_validator("fractions")
     @classmethod
@@ -173,6 +201,9 @@ class ValidationConfig(_Block):
                                                         "into the target gradient)"))
     refresh_interval: int = Field(1, json_schema_extra=_expects("a positive integer (steps between new "
                                                                  "anchor draws)"))
+    ema: float = Field(0.0, json_schema_extra=_expects(
+        "a number in [0, 1): the target is an exponential moving average of the anchors' mean "
+        "sketch across refreshes, t = ema * t_prev + (1 - ema) * fresh (0: no averaging)"))
     mix: Literal[ANCHOR_MIXES] = Field("pooled", json_schema_extra=_expects(
         '"pooled" (anchors drawn uniformly from the held-out split: the target follows its domain mix) '
         'or "per_domain" (an equal share of anchors from every held-out domain, each domain weighted '
@@ -182,6 +213,13 @@ class ValidationConfig(_Block):
     @classmethod
     def _positive(cls, v):
         return _positive(v)
+
+    @field_validator("ema")
+    @classmethod
+    def _ema(cls, v):
+        if not (math.isfinite(v) and 0 <= v < 1):
+            raise PydanticCustomError("partitionsel", "bad ema")
+        return v
 
 
 class PartitionSelConfig(_Block):
@@ -196,7 +234,10 @@ class PartitionSelConfig(_Block):
     sketch: SketchConfig = Field(default_factory=SketchConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     mode: Literal[SELECTION_MODES] = "auto"
-    rule: Literal[RULES] = "greedy"
+    rule: Literal[RULES] = "sample"
+    temperature: float = Field(1.0, json_schema_extra=_expects(
+        "a finite number > 0 (rule 'sample': Gumbel noise against residuals scaled by their "
+        "spread; larger is closer to uniform sampling within the budgets)"))
     nonneg: bool = True
     ridge: float = Field(0.0, json_schema_extra=_expects("a finite number >= 0"))
     use_weights: bool = False
@@ -220,6 +261,13 @@ class PartitionSelConfig(_Block):
     def _non_negative(cls, v):
         if v < 0:
             raise PydanticCustomError("partitionsel", "negative")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if not math.isfinite(v) or v <= 0:
+            raise PydanticCustomError("partitionsel", "bad temperature")
         return v
 
     @field_validator("ridge")

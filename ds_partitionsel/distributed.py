@@ -45,7 +45,8 @@ import torch
 
 from ds_partitionsel.collectives import CollectiveError, Communicator
 from ds_partitionsel.selection import GREEDY_METHODS, run_method, select as select_single, validate_inputs
-from ds_partitionsel.solver import Selection, check_budget_fit, check_rule, rrg_pick, rrg_shortlist
+from ds_partitionsel.solver import (Selection, check_budget_fit, check_rule, check_temperature,
+                                   max_abs_finite, rrg_pick, rrg_shortlist, spread_from, spread_moments)
 
 __all__ = ["MODES", "CostModel", "CollectiveError", "SelectionDivergence", "check_agreement",
            "select"]
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "replicated", "sharded")
 _OPTIONS = ("rule", "nonneg", "drop_nonfinite", "allow_shortfall", "step", "timeout",
-            "cost_model")
+            "cost_model", "temperature")
 _INT64_MIN = -(2 ** 63)
 _INT64_MAX = 2 ** 63 - 1
 
@@ -165,6 +166,19 @@ class ShardedChooser:
     @property
     def bytes_sent(self) -> int:
         return self.comm.bytes_sent
+
+    def pool_rows(self, rows) -> int:
+        """Rows of the whole pool over every rank."""
+        return sum(self.sizes)
+
+    def spread(self, values: torch.Tensor) -> float:
+        """:func:`~ds_partitionsel.solver.spread` of every rank's ``values``: two small
+        all-reduces (the max magnitude, then exact integer moments), bytes independent of N."""
+        local = torch.tensor([max_abs_finite(values)], dtype=torch.float64)
+        scale = float(self.comm.all_reduce(local, "max", "all-reduce of the residual scale")[0])
+        moments = self.comm.all_reduce(spread_moments(values, scale), "sum",
+                                       "all-reduce of the residual moments")
+        return spread_from(scale, moments)
 
     def owner(self, index: int) -> int:
         """The rank holding global row ``index`` (empty shards own nothing)."""
@@ -321,6 +335,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     rule = options.get("rule", "greedy")
     nonneg = options.get("nonneg", True)
+    temperature = options.get("temperature", 1.0)
     drop_nonfinite = bool(options.get("drop_nonfinite", False))
     allow_shortfall = bool(options.get("allow_shortfall", False))
     step = options.get("step")
@@ -334,14 +349,15 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
         domains, budgets = validate_inputs(method, local_features, local_domains, target,
                                            budgets, lr, ridge)
         rule = check_rule(rule, generator)
+        temperature = check_temperature(temperature)
         if method == "random" and not isinstance(generator, torch.Generator):
             raise ValueError("method 'random' needs a seeded torch.Generator, e.g. "
                              "generator=torch.Generator().manual_seed(seed)")
         finite = torch.isfinite(local_features).all(dim=1)
-        uses_generator = method == "random" or rule == "rrg"
+        uses_generator = method == "random" or rule in ("rrg", "sample")
         fingerprint = _fingerprint(method, rule, nonneg, lr, ridge, budgets,
                                    local_features.shape[1], local_features.dtype,
-                                   (drop_nonfinite, allow_shortfall, mode),
+                                   (drop_nonfinite, allow_shortfall, mode, float(temperature).hex()),
                                    target, generator if uses_generator else None)
     except ValueError as exc:
         error = exc
@@ -394,12 +410,13 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
         features = comm.all_gather_rows(local_features, sizes, "all-gather of the features")
         pool_domains = comm.all_gather_rows(domains, sizes, "all-gather of the domain ids")
         sel = select_single(method, features, pool_domains, target, budgets, lr=lr, ridge=ridge,
-                            generator=generator, rule=rule, nonneg=nonneg,
+                            generator=generator, rule=rule, nonneg=nonneg, temperature=temperature,
                             drop_nonfinite=drop_nonfinite, allow_shortfall=allow_shortfall)
     else:
         sel = _select_sharded(comm, method, local_features, domains, finite, target, budgets,
                               sizes, kept, lr=lr, ridge=ridge, generator=generator, rule=rule,
-                              nonneg=nonneg, allow_shortfall=allow_shortfall or bool(dropped))
+                              temperature=temperature, nonneg=nonneg,
+                              allow_shortfall=allow_shortfall or bool(dropped))
         sel.info["dropped"] = dropped
     _check_agreement(comm, sel)
     sel.bytes_sent = comm.bytes_sent
@@ -410,7 +427,7 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
 
 
 def _select_sharded(comm, method, features, domains, finite, target, budgets, sizes, kept, *,
-                    lr, ridge, generator, rule, nonneg, allow_shortfall) -> Selection:
+                    lr, ridge, generator, rule, nonneg, allow_shortfall, temperature=1.0) -> Selection:
     """The lockstep greedy over this rank's finite rows; indices mapped back to the full pool."""
     dropped = sum(sizes) - sum(kept)
     if dropped:
@@ -422,7 +439,8 @@ def _select_sharded(comm, method, features, domains, finite, target, budgets, si
     chooser = ShardedChooser(comm, kept)
     offset = chooser.offsets[comm.rank]
     sel = run_method(method, features, domains, target, used, lr=lr, ridge=ridge,
-                    generator=generator, rule=rule, nonneg=nonneg, offset=offset, chooser=chooser)
+                    generator=generator, rule=rule, nonneg=nonneg, offset=offset, chooser=chooser,
+                    temperature=temperature)
     sel.shortfall = shortfall
     if dropped:  # kept-pool index -> full-pool index, filled in by each pick's owner
         full_offset = sum(sizes[: comm.rank])

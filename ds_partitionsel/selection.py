@@ -22,6 +22,7 @@ import torch
 
 from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, check_budget_fit,
                                     check_domains_budgets, check_finite, check_rule,
+                                    check_temperature,
                                     greedy_select, row_dots)
 
 METHODS = ("partitionsel", "random", "full", "gradnorm", "greats", "greats_domain", "iwd",
@@ -62,7 +63,7 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
            budgets: torch.Tensor, *, lr: float = 1.0, ridge: float = 0.0,
            generator: Optional[torch.Generator] = None, rule: str = "greedy",
            nonneg: bool = True, drop_nonfinite: bool = False,
-           allow_shortfall: bool = False) -> Selection:
+           allow_shortfall: bool = False, temperature: float = 1.0) -> Selection:
     """Select ``k = sum(budgets)`` candidates with ``method``.
 
     Parameters
@@ -74,8 +75,10 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
     budgets : (D,) int64 per-domain budgets, e.g. from ``allocate_budgets``.
     lr : the learning rate ``eta`` of the utility (the schedule's current value).
     ridge : added to the diagonal of ``Q``.
-    generator : seeded ``torch.Generator`` for ``random`` and ``rule="rrg"``.
-    rule, nonneg : passed to the OMP methods (see ``partition_omp``).
+    generator : seeded ``torch.Generator`` for ``random`` and ``rule="rrg"`` / ``"sample"``.
+    rule, nonneg : passed to the OMP methods (see ``partition_omp``); ``rule="sample"`` draws
+        each pick by Gumbel-max on the residuals (see ``greedy_select``).
+    temperature : ``rule="sample"`` only: noise scale relative to the residuals' spread.
     drop_nonfinite : drop candidates whose features are not finite (counted in
         ``info["dropped"]``, their budget handed to the other domains) instead of raising.
     allow_shortfall : hand budget above a domain's size to other domains instead of raising.
@@ -86,6 +89,7 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
     """
     domains, budgets = validate_inputs(method, features, domains, target, budgets, lr, ridge)
     rule = check_rule(rule, generator)
+    temperature = check_temperature(temperature)
     n = features.shape[0]
     if n == 0:
         raise ValueError("empty pool: features has no rows")
@@ -106,7 +110,7 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
         raise ValueError("method 'random' needs a seeded torch.Generator, e.g. "
                          "generator=torch.Generator().manual_seed(seed)")
     result = run_method(method, features, domains, target, used, lr=lr, ridge=ridge,
-                       generator=generator, rule=rule, nonneg=nonneg)
+                       generator=generator, rule=rule, nonneg=nonneg, temperature=temperature)
     result.shortfall = shortfall
     result.info["dropped"] = dropped
     if keep is not None:
@@ -115,7 +119,7 @@ def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: t
 
 
 def run_method(method, features, domains, target, budgets, *, lr, ridge, generator, rule, nonneg,
-              offset=0, chooser=None):
+              offset=0, chooser=None, temperature=1.0):
     k = int(budgets.sum())
     if method in GREEDY_METHODS:
         per_domain, weighted, block = GREEDY_METHODS[method]
@@ -129,7 +133,7 @@ def run_method(method, features, domains, target, budgets, *, lr, ridge, generat
         use = budgets if per_domain else torch.tensor([k], dtype=torch.int64)
         sel = greedy_select(rows, use, chooser or LocalChooser(),
                             nonneg=nonneg if weighted else True, rule=rule, generator=generator,
-                            unit_weights=not weighted, method=method)
+                            unit_weights=not weighted, method=method, temperature=temperature)
         sel.domain_counts = _pad(sel.domain_counts, budgets.numel())
         sel.budgets = budgets.clone()
         if block or method == "gradmatch":  # report U on the true PartitionSel terms

@@ -215,6 +215,11 @@ class Selector:
                                          head_chunk=sk.head_chunk)
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         self._target, self._target_key = None, None
+        # carried across steps, so in the checkpoint (state_dict): the EMA target of
+        # validation.ema and the per-domain gains of the curriculum budgets
+        self._ema = None
+        self._gains = [0.0] * len(pool.domain_names)
+        self._alignment = None
 
     def _sketcher_class(self):
         """What sketches ``self.scorer`` (a subclass may sketch other models, e.g. tensor-parallel ones)."""
@@ -237,9 +242,20 @@ class Selector:
         counts = torch.bincount(self.pool.domains[pool_ids], minlength=len(names))
         minority = [names.index(d) for d in b.minority_domains] if b.minority_domains else None
         budgets = allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
-                                   minority_domains=minority)
+                                   minority_domains=minority, target_counts=self.target_counts(),
+                                   gains=self._gains, floor=b.floor, lam=b.curriculum_lambda)
         return StepPlan(step=step, pool_ids=pool_ids, bounds=tuple(shard_bounds(self.pool_size, self.world)),
                         budgets=budgets, rank=self.rank, world=self.world, batch_size=self.batch_size)
+
+    def target_counts(self) -> List[int]:
+        """The validation anchors' expected count of each pool domain (the ``validation``
+        budget strategy follows it): the held-out split's counts for ``pooled`` anchors, the
+        same for every held-out domain for ``per_domain`` ones."""
+        names = self.pool.domain_names
+        counts = self.valid_pool.domain_counts().tolist()
+        if self.cfg.validation.mix == "per_domain":
+            counts = [1 if c > 0 else 0 for c in counts]
+        return [int(c) for c in counts] + [0] * (len(names) - len(counts))
 
     def select(self, step: int, lr: float, *, with_features: bool = True) -> StepSelection:
         """Sketch this rank's shard, build the target and select the batch of ``step``.
@@ -268,7 +284,9 @@ class Selector:
             cfg.method, features, self.pool.domains[plan.local_ids], target, plan.budgets,
             lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
             generator=generator("select", cfg.seed, step), rule=cfg.rule, nonneg=cfg.nonneg,
-            drop_nonfinite=True, step=step, timeout=cfg.timeout_s)
+            drop_nonfinite=True, step=step, timeout=cfg.timeout_s, temperature=cfg.temperature)
+        if cfg.budget.strategy == "curriculum" and cfg.method not in FEATURELESS:
+            self._update_gains(step, features, self.pool.domains[plan.local_ids], target)
         dropped = int(sel.info.get("dropped", 0))
         if dropped:
             logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
@@ -300,14 +318,49 @@ class Selector:
         batches = [self.pool.collate(ids[s:s + mb], self.pad_token_id) for s in range(0, len(ids), mb)]
         return self.proxy.train_on(batches, lambda batch, module: per_sequence_loss(module, batch, self.device))
 
+    def _update_gains(self, step: int, features, domains, target) -> None:
+        """Curriculum gains: per domain, the EMA (``budget.curriculum_beta``) of the relative
+        change of its alignment ``<mean_{i in d} g_i, v>`` between steps. One (D+1)-row
+        all-reduce of per-domain feature sums and counts."""
+        n_dom = len(self.pool.domain_names)
+        feats = torch.nan_to_num(features.double())
+        sums = torch.zeros(n_dom, feats.shape[1] + 1, dtype=torch.float64)
+        sums[:, :-1].index_add_(0, domains, feats)
+        sums[:, -1].index_add_(0, domains, torch.ones(len(domains), dtype=torch.float64))
+        sums = self.comm(step).all_reduce(sums, "sum", "all-reduce of the per-domain sketch sums")
+        means = sums[:, :-1] / sums[:, -1:].clamp_min(1)
+        # rounded to 12 digits: the budgets must not hang on the last bits of a float sum
+        align = [round(float(x), 12) for x in (means @ target.double()).tolist()]
+        beta = self.cfg.budget.curriculum_beta
+        if self._alignment is not None:
+            for j, (old, new) in enumerate(zip(self._alignment, align)):
+                change = (new - old) / max(abs(old), 1e-12)
+                self._gains[j] = round(beta * self._gains[j] + (1 - beta) * change, 12)
+        self._alignment = align
+
     def state_dict(self) -> dict:
         """What a checkpoint must carry beyond the step for an exact resume: a trained proxy's
-        weights and optimizer (the rest of the selection is a function of the step)."""
+        weights and optimizer, the EMA target and the curriculum gains (the rest of the
+        selection is a function of the step)."""
+        state = {}
         if self.proxy is not None and self.proxy.train:
-            return {"proxy": self.proxy.state_dict()}
-        return {}
+            state["proxy"] = self.proxy.state_dict()
+        if self._ema is not None:
+            state["ema_target"] = self._ema.clone()
+            state["ema_key"] = self._target_key
+        if self.cfg.budget.strategy == "curriculum":
+            state["gains"] = list(self._gains)
+            state["alignment"] = self._alignment
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = state or {}
+        if "ema_target" in state:
+            self._ema = torch.as_tensor(state["ema_target"]).double()
+            self._target, self._target_key = self._ema.float(), state.get("ema_key")
+        if "gains" in state:
+            self._gains = [float(x) for x in state["gains"]]
+            self._alignment = state.get("alignment")
         if self.proxy is not None and self.proxy.train:
             if "proxy" not in (state or {}):
                 raise ValueError("the checkpoint holds no trained proxy state, but sketch.proxy_train is on: "
@@ -359,7 +412,12 @@ class Selector:
         local = (feats * torch.tensor([weights[i] for i in mine], dtype=feats.dtype)[:, None]).sum(0) \
             if mine else torch.zeros(feats.shape[1], dtype=feats.dtype)
         total = self.comm(step).all_reduce(local, "sum", "all-reduce of the validation target")
-        self._target = total / divisor
+        fresh = total / divisor
+        beta = v.ema
+        if beta > 0:  # average the noisy small-sample target over refreshes
+            self._ema = fresh.double() if self._ema is None else beta * self._ema + (1 - beta) * fresh.double()
+            fresh = self._ema.to(total.dtype)
+        self._target = fresh
         self._target_key = key
         return self._target
 

@@ -36,9 +36,9 @@ from ds_partitionsel.budgets import allocate_budgets, rebalance_budgets
 __all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets",
            "rebalance_budgets", "greedy_select", "CandidateRows", "GramRows", "FeatureRows",
            "Chooser", "LocalChooser", "RULES", "row_dots", "check_finite", "check_domains_budgets",
-           "check_budget_fit", "check_rule", "rrg_shortlist", "rrg_pick", "top_per_domain"]
+           "check_budget_fit", "check_rule", "check_temperature", "gumbel_noise", "spread", "spread_moments", "spread_from", "max_abs_finite", "rrg_shortlist", "rrg_pick", "top_per_domain"]
 
-RULES = ("greedy", "rrg")
+RULES = ("greedy", "rrg", "sample")
 
 
 @dataclass
@@ -207,10 +207,65 @@ def partition_omp(linear: torch.Tensor, quadratic: torch.Tensor, domains: torch.
 def check_rule(rule: str, generator) -> str:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
-    if rule == "rrg" and not isinstance(generator, torch.Generator):
-        raise ValueError("rule='rrg' needs a seeded torch.Generator shared by all ranks, e.g. "
+    if rule in ("rrg", "sample") and not isinstance(generator, torch.Generator):
+        raise ValueError(f"rule={rule!r} needs a seeded torch.Generator shared by all ranks, e.g. "
                          "generator=torch.Generator().manual_seed(seed)")
     return rule
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def gumbel_noise(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) float64 standard Gumbel draws ``-log(-log(u))`` from ``generator``.
+
+    The logs are Python's (one libm call per draw), not a vectorized kernel whose last bit may
+    depend on the instruction set: every machine draws the same noise."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+    tiny = 2.0 ** -60
+    return torch.tensor([-math.log(-math.log(min(max(x, tiny), 1.0 - 2.0 ** -53))) for x in u],
+                        dtype=torch.float64)
+
+
+_SPREAD_BITS = 20  # fixed-point resolution of spread(): 2**-20 of the largest |value|
+
+
+def max_abs_finite(values: torch.Tensor) -> float:
+    """``max |v|`` over the finite entries of ``values`` (0.0 when none); exact."""
+    finite = values[torch.isfinite(values)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def spread_moments(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """int64 ``[count, sum q, sum q^2]`` of the finite ``values`` in fixed point,
+    ``q = round(v / scale * 2**20)``: integer sums are exact in any order, so shards summed
+    by an all-reduce give the single-process moments bit for bit."""
+    finite = values[torch.isfinite(values)].double()
+    if not finite.numel() or scale <= 0:
+        return torch.zeros(3, dtype=torch.int64)
+    q = torch.round(finite / scale * 2.0 ** _SPREAD_BITS).to(torch.int64)
+    return torch.stack([torch.tensor(q.numel()), q.sum(), (q * q).sum()])
+
+
+def spread_from(scale: float, moments: torch.Tensor) -> float:
+    """The standard deviation that :func:`spread_moments` describes."""
+    count, s1, s2 = (int(x) for x in moments.tolist())
+    if count < 2:
+        return 0.0
+    var = (s2 * count - s1 * s1) / (count * count)  # exact integers until this division
+    return scale * 2.0 ** -_SPREAD_BITS * math.sqrt(max(var, 0.0))
+
+
+def spread(values: torch.Tensor) -> float:
+    """Standard deviation of the finite entries of ``values`` (1-D) at a resolution of
+    ``2**-20`` of their largest magnitude; the same bits for the same values on any machine,
+    in any order and any split over ranks."""
+    scale = max_abs_finite(values)
+    return spread_from(scale, spread_moments(values, scale))
 
 
 # --------------------------------------------------------------------------- candidate rows
@@ -414,6 +469,14 @@ class LocalChooser:
     ``feasible`` (n,) is False. Subclasses may count ``bytes_sent``.
     """
     bytes_sent = 0
+
+    def pool_rows(self, rows: "CandidateRows") -> int:
+        """Rows of the whole pool (all processes)."""
+        return len(rows) + rows.offset
+
+    def spread(self, values: torch.Tensor) -> float:
+        """:func:`spread` of the pool's ``values`` (this process holds them all)."""
+        return spread(values)
 
     def choose(self, values, feasible, rows, remaining, rule, generator):
         if rule == "greedy":
@@ -647,8 +710,15 @@ class _Refit:
 def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, *, nonneg: bool = True,
                   rule: str = "greedy", generator: Optional[torch.Generator] = None,
                   unit_weights: bool = False, shortfall: Optional[torch.Tensor] = None,
-                  method: str = "partitionsel") -> Selection:
+                  method: str = "partitionsel", temperature: float = 1.0) -> Selection:
     """The OMP loop over validated inputs; exactly ``sum(budgets)`` picks.
+
+    ``rule="sample"`` replaces the argmax by a Gumbel-max draw per pick: the pick maximizes
+    ``r_i / (temperature * sigma) + gumbel_i`` over feasible candidates, where ``sigma`` is the
+    spread (std) of the step's first residuals over the whole pool and ``gumbel`` is one
+    standard Gumbel draw per candidate and step (Gumbel-top-k on the OMP residuals). Scaling by
+    ``sigma`` makes ``temperature`` mean the same under any learning rate or feature scale;
+    ``temperature -> 0`` is the greedy, large values approach uniform sampling within budgets.
 
     Per pick: residual over the held rows (``r = a - Q[:, S] w``; for ``unit_weights`` the
     GREATS marginal gain ``a - 1/2 diag(Q) - Q[:, S] 1``), the chooser agrees on the best
@@ -665,6 +735,14 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
     refit = _Refit(k, nonneg, unit=unit_weights)
     picks, pick_dom = [], []
     base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
+    noise, inv_tau = None, 0.0
+    if rule == "sample":  # Gumbel-top-k: the noise indexes the whole pool, so shards agree
+        total = chooser.pool_rows(rows)
+        noise = gumbel_noise(total, generator)[rows.offset: rows.offset + n].to(base.device)
+        first = base.abs() if not nonneg and not unit_weights else base
+        sigma = chooser.spread(torch.where(penalty == 0, first.double(), -math.inf))
+        inv_tau = 1.0 / (temperature * sigma) if sigma > 0 else 0.0
+        rule = "greedy"  # the chooser takes the argmax of the perturbed values
     for t in range(k):
         if t == 0:
             values = base
@@ -673,6 +751,8 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
             values = base - row_dots(q_cols[:, :t], w_dev)
         if not nonneg and not unit_weights:
             values = values.abs()
+        if noise is not None:
+            values = values.double() * inv_tau + noise
         values = values + penalty  # infeasible -> -inf
         payload, index = chooser.choose(values, penalty == 0, rows, remaining, rule, generator)
         a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)

@@ -59,7 +59,14 @@ def _cases(world):
         for mode in ("replicated", "sharded"):
             for rule in ("greedy", "rrg"):
                 cases.append((uneven, method, mode, rule, "float32", "plain", {}))
+    for split in SPLITS[world]:  # Gumbel sampling on the residuals: noise indexed by the pool
+        for mode in ("replicated", "sharded"):
+            cases.append((split, "partitionsel", mode, "sample", "float32", "plain", {"temperature": 0.5}))
+            cases.append((split, "partitionsel", mode, "sample", "float64", "dup", {}))
     for mode in ("replicated", "sharded", "auto"):
+        cases.append((uneven, "gradmatch", mode, "sample", "float32", "plain", {"temperature": 2.0}))
+        cases.append((uneven, "partitionsel", mode, "sample", "float32", "nan",
+                      {"drop_nonfinite": True}))
         cases.append((uneven, "partitionsel", mode, "greedy", "float32", "nan",
                       {"drop_nonfinite": True}))
         cases.append((uneven, "partitionsel", mode, "greedy", "float64", "plain",

@@ -56,7 +56,14 @@ METHODS = ("random", "gradnorm", "greats", "greats_domain", "iwd", "gradmatch", 
            "partitionsel_proxy")
 VALIDATION_FREE = ("random", "gradnorm")  # they never read the anchors: one run serves both settings
 SETTINGS = ("matched", "target")
-ABLATIONS = {  # name -> overrides of the partitionsel block
+ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the package's default)
+    "old_default": {"budget": {"strategy": "proportional"}, "rule": "greedy"},
+    "proportional_budgets": {"budget": {"strategy": "proportional"}},
+    "greedy_rule": {"rule": "greedy"},
+    "temperature_0.3": {"temperature": 0.3},
+    "temperature_3": {"temperature": 3.0},
+    "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
+    "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
     "anchors_per_domain": {"validation": {"mix": "per_domain"}},
     "weighted_loss": {"use_weights": True},
@@ -77,6 +84,8 @@ def parse_args(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--factors", nargs="+", type=int, default=[8, 4], help="pool = factor x batch")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                    help="variants of the ablation phase (each against the default, in every setting)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     ap.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda)")
     ap.add_argument("--out", default="runs/evidence", help="run folders go here")
@@ -87,6 +96,10 @@ def parse_args(argv=None):
     g = ap.add_argument_group("pretraining from scratch")
     g.add_argument("--corpus", help="raw-text jsonl ({\"text\", \"domain\"} per line) to pretrain on "
                    "(default: the demo data's documents plus this Python's standard library sources)")
+    g.add_argument("--corpora", nargs="+", metavar="JSONL",
+                   help="run the whole comparison on each corpus in turn (\"demo\" names the default "
+                        "corpus); results under <results>/evidence/<corpus>/ and a summary table across them "
+                        "(<results>/evidence/summary.md); --target-domain defaults to auto here")
     g.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary trained on the corpus")
     g.add_argument("--seq", type=int, default=32, help="packed window length (tokens)")
     g.add_argument("--hidden", type=int, default=64)
@@ -100,7 +113,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-per-domain", type=int, default=64, help="held-out windows per domain per eval")
     g.add_argument("--sketch", choices=["exact", "kron"], default="kron",
                    help="kron: Kronecker sketches (16 x 16 per linear) of every block; exact: whole per-sample gradients")
-    g.add_argument("--target-domain", default="code")
+    g.add_argument("--target-domain", nargs="+", default=["code"],
+                   help="domain(s) the target setting asks for; several: one target setting each "
+                        "(target:DOMAIN); auto: the pool's smallest domain and its domain nearest a 30%% share")
     g.add_argument("--measure-interval", type=int, default=10,
                    help="steps between pool-wide conflicting-pair measurements (random runs)")
     s = ap.add_argument_group("SFT (SmolLM2-135M-Instruct, LoRA)")
@@ -158,9 +173,12 @@ def split_valid(valid, seed: int = 0):
 
 def setting_mix(setting: str, train_mix: dict, names: list, target_domain: str) -> dict:
     """Domain weights of a validation setting: the pool's mix (``matched``) or ``TARGET_SHARE``
-    on the target domain and the rest in the pool's proportions (``target``)."""
+    on the target domain and the rest in the pool's proportions (``target``, the domain of
+    ``--target-domain``; ``target:DOMAIN`` names its own)."""
     if setting == "matched":
         return dict(train_mix)
+    if setting.startswith("target:"):
+        target_domain = setting.split(":", 1)[1]
     if target_domain not in names:
         raise SystemExit(f"--target-domain {target_domain!r} is not a domain of the pool; valid: {names}")
     rest = sum(v for d, v in train_mix.items() if d != target_domain)
@@ -247,7 +265,6 @@ def partitionsel_block(spec: dict) -> dict:
     method = spec["method"]
     block = {"method": "partitionsel" if method == "partitionsel_proxy" else method,
              "pool_factor": spec["factor"], "seed": spec["seed"], "mode": "replicated",
-             "budget": {"strategy": "proportional"},
              "validation": {"anchors": spec["anchors"], "refresh_interval": 1},
              "sketch": {"mode": spec["sketch"], "modules": spec.get("modules", 3),
                         "micro_batch": spec.get("sketch_micro", 32), "normalize": method != "gradnorm"}}
@@ -457,20 +474,49 @@ def prepare_sft(args) -> str:
 
 # --------------------------------------------------------------------------- run lists
 
+def auto_targets(pool_dir: str) -> list:
+    """The pool's minority domain (smallest share) and its mid-size domain (share nearest 30%)."""
+    from ds_partitionsel.data import CandidatePool
+
+    pool = CandidatePool(pool_dir, "train")
+    counts = pool.domain_counts().double()
+    share = {n: float(c / counts.sum()) for n, c in zip(pool.domain_names, counts)}
+    minority = min(share, key=share.get)
+    mid = min((n for n in share if n != minority), key=lambda n: abs(share[n] - 0.3))
+    return [minority, mid]
+
+
+def setting_tags(args, data: dict) -> list:
+    """The validation settings of a run list: ``matched`` and one target setting per target domain
+    (``target`` for a single named one, as the kept results name it; else ``target:DOMAIN``)."""
+    targets = args.target_domain
+    if targets == ["auto"]:
+        targets = auto_targets(data["pool"])
+    tags = []
+    for setting in args.settings:
+        if setting == "matched":
+            tags.append("matched")
+        elif len(targets) == 1 and not args.corpora:
+            tags.append("target")
+        else:
+            tags += [f"target:{d}" for d in targets]
+    return tags
+
+
 def pretrain_specs(args, data: dict) -> list:
     base = {"kind": "pretrain", "device": args.device, "pool": data["pool"], "vocab": data["vocab"],
             "pad_id": data["pad_id"], "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
             "seq": args.seq, "batch": args.batch, "steps": args.steps, "lr": args.lr, "anchors": args.anchors,
             "eval_interval": args.eval_interval, "eval_per_domain": args.eval_per_domain, "sketch": args.sketch,
-            "target_domain": args.target_domain, "measure_interval": args.measure_interval,
+            "target_domain": args.target_domain[0], "measure_interval": args.measure_interval,
             "weight_decay": 0.1, "variant": "default"}
     specs = []
     for factor in args.factors:
         for seed in args.seeds:
             for method in args.methods:
-                settings = ["any"] if method in VALIDATION_FREE else args.settings
+                settings = ["any"] if method in VALIDATION_FREE else setting_tags(args, data)
                 for setting in settings:
-                    name = f"pretrain/{setting}/x{factor}/{method}/seed{seed}"
+                    name = f"pretrain/{setting.replace(':', '-')}/x{factor}/{method}/seed{seed}"
                     specs.append(dict(base, name=name, method=method, factor=factor, seed=seed,
                                       setting="matched" if setting == "any" else setting, setting_tag=setting))
     return specs
@@ -478,9 +524,10 @@ def pretrain_specs(args, data: dict) -> list:
 
 def ablation_specs(args, data: dict) -> list:
     specs = []
-    for spec in pretrain_specs(argparse.Namespace(**dict(vars(args), factors=args.factors[:1], settings=["matched"],
+    for spec in pretrain_specs(argparse.Namespace(**dict(vars(args), factors=args.factors[:1],
                                                          methods=["partitionsel"])), data):
-        for variant, overrides in ABLATIONS.items():
+        for variant in args.ablations:
+            overrides = ABLATIONS[variant]
             specs.append(dict(spec, name=spec["name"].replace("pretrain/", f"ablation/{variant}/"),
                               variant=variant, overrides=overrides))
     return specs
@@ -597,8 +644,9 @@ def group_runs(runs: list) -> dict:
     """{(kind, variant, factor, setting): {method: {seed: run}}}, the validation-free runs under
     every setting that other methods ran in."""
     groups = {}
+    seen = sorted({run["setting"] for run in runs if run["setting"] != "any"}) or list(SETTINGS)
     for run in runs:
-        settings = list(SETTINGS) if run["setting"] == "any" else [run["setting"]]
+        settings = seen if run["setting"] == "any" else [run["setting"]]
         for setting in settings:
             key = (run["kind"], run["variant"], run["factor"], setting)
             groups.setdefault(key, {}).setdefault(run["method"], {})[run["seed"]] = run
@@ -878,19 +926,21 @@ def report(results: Path, target_domain: str = "code") -> dict:
         if variant == "default" or kind != "pretrain":
             continue
         ref = groups.get(("pretrain", "default", factor, setting), {})
-        both = {"partitionsel (default)": ref.get("partitionsel", {}), variant: methods.get("partitionsel", {})}
+        both = {"partitionsel (default)": ref.get("partitionsel", {}), variant: methods.get("partitionsel", {}),
+                "random": ref.get("random", {})}
         rows = method_table(both, setting, target_domain, reference="partitionsel (default)")
-        abl[variant] = rows[variant]
+        abl[f"{variant} @ {setting}"] = dict(rows[variant], variant=variant, setting=setting)
     if abl:
         factor = next(iter({k[2] for k in groups if k[1] != "default"}))
-        md.append(f"#### Ablations: PartitionSel variants vs the default (pretrain, matched, pool {factor}x)\n")
-        md.append("| variant | held-out loss | Δ vs default (paired) | default lower (seeds) | "
-                  "conflicting pairs / batch | selected mix |")
-        md.append("|---|---|---|---|---|---|")
-        for variant, r in abl.items():
+        md.append(f"#### Ablations: PartitionSel variants vs the default (pretrain, pool {factor}x)\n")
+        md.append("| variant | setting | held-out loss | Δ variant − default (paired) | Δ variant − random | "
+                  "default lower (seeds) | conflicting pairs / batch | selected mix |")
+        md.append("|---|---|---|---|---|---|---|---|")
+        for r in sorted(abl.values(), key=lambda r: (r["variant"], r["setting"])):
             pairs = _pm(r["pairs"]["per_batch"], ".1f") if "pairs" in r else "–"
             mix = "/".join(f"{100 * v:.0f}" for _, v in sorted(r["selected_mix"].items()))
-            md.append(f"| {variant} | {_pm(r['score'])} | {_pm(r['vs_ref'], '.4f')} | "
+            md.append(f"| {r['variant']} | {r['setting']} | {_pm(r['score'])} | {_pm(r['vs_ref'], '.4f')} | "
+                      f"{_pm(r['vs_random'], '.4f')} | "
                       f"{r['vs_ref']['seeds'] - r['vs_ref']['lower']}/{r['vs_ref']['seeds']} | {pairs} | {mix}% |")
         md.append("")
         out["ablations"] = abl
@@ -900,8 +950,80 @@ def report(results: Path, target_domain: str = "code") -> dict:
     return out
 
 
+SUMMARY_BASELINES = ("random", "gradmatch", "iwd", "greats_domain")
+
+
+def corpus_name(corpus: str) -> str:
+    return "demo" if corpus == "demo" else Path(corpus).stem
+
+
+def summary(root: Path, names: list) -> str:
+    """One table across corpora: per corpus and setting, PartitionSel minus each baseline (final
+    held-out loss under the setting's mix, paired by seed, 95% CI), and the target domain's share
+    of the selected batches. Written to ``<root>/summary.md`` and ``summary.json``."""
+    lines = ["| corpus | setting | " + " | ".join(f"Δ vs {b}" for b in SUMMARY_BASELINES)
+             + " | target share: random / partitionsel / gradmatch |",
+             "|---|---|" + "---|" * len(SUMMARY_BASELINES) + "---|"]
+    data = {}
+    for name in names:
+        path = root / name / "tables.json"
+        if not path.exists():
+            continue
+        tables = json.loads(path.read_text())
+        for tag, table in sorted(tables.items()):
+            if tag == "ablations" or not tag.startswith("pretrain_"):
+                continue
+            rows = table["rows"]
+            setting = tag[len("pretrain_"):].rsplit("_x", 1)[0]
+            cells = {}
+            for b in SUMMARY_BASELINES:
+                if b in rows and rows[b]["vs_ref"]["mean"] is not None:
+                    d = rows[b]["vs_ref"]
+                    cells[b] = dict(d, mean=-d["mean"], verdict=verdict(dict(d, mean=-d["mean"])))
+            share = "–"
+            if setting.startswith("target"):
+                dom = setting.split(":", 1)[1] if ":" in setting else None
+                if dom:
+                    share = " / ".join(f"{100 * rows[m]['selected_mix'].get(dom, 0):.0f}%" if m in rows else "–"
+                                       for m in ("random", "partitionsel", "gradmatch"))
+            data[f"{name} {setting}"] = {"corpus": name, "setting": setting, "vs": cells}
+            lines.append(f"| {name} | {setting} | " + " | ".join(
+                f"{_pm(cells[b], '.3f')} ({cells[b]['verdict']})" if b in cells else "–" for b in SUMMARY_BASELINES)
+                + f" | {share} |")
+    text = ("Δ = final held-out loss of the default `partitionsel` minus the baseline's, paired by seed, "
+            "95% CI (negative: PartitionSel better).\n\n" + "\n".join(lines) + "\n")
+    (root / "summary.md").write_text(text)
+    (root / "summary.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    return text
+
+
+def run_corpora(args) -> int:
+    """The whole comparison on each of ``--corpora`` in turn, then the table across them."""
+    root = REPO / args.results / "evidence"
+    names = []
+    for corpus in args.corpora:
+        name = corpus_name(corpus)
+        names.append(name)
+        print(f"=== corpus {name}", flush=True)
+        sub = argparse.Namespace(**dict(vars(args), corpus=None if corpus == "demo" else corpus,
+                                        out=str(Path(args.out) / name),
+                                        target_domain=args.target_domain if args.target_domain != ["code"] else ["auto"]))
+        results = root / name
+        if not args.report_only:
+            data = prepare_pretrain(sub)
+            specs = (pretrain_specs(sub, data) if "pretrain" in args.phase else []) + \
+                (ablation_specs(sub, data) if "ablation" in args.phase else [])
+            run_specs(sub, specs)
+            keep_results(REPO / sub.out, results)
+        report(results, sub.target_domain[0])
+    print(summary(root, names))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.corpora:
+        return run_corpora(args)
     results = REPO / args.results / "evidence"
     if not args.report_only:
         specs = []
@@ -915,7 +1037,7 @@ def main(argv=None) -> int:
             specs += sft_specs(args, prepare_sft(args))
         run_specs(args, specs)
         keep_results(REPO / args.out, results)
-    report(results, args.target_domain)
+    report(results, args.target_domain[0])
     return 0
 
 
