@@ -192,7 +192,7 @@ def check_same_pool(train, other, what: str = "validation split") -> None:
     tokens). Raises ``ValueError`` naming both pools."""
     if list(other.domain_names) != list(train.domain_names):
         raise ValueError(f"the {what} ({getattr(other, 'path', '?')}) has domains {list(other.domain_names)}, "
-                         f"the training split ({getattr(train, 'path', '?')}) {list(train.domain_names)}: domain "
+                         f"the training split ({getattr(train, 'path', '?')}) has {list(train.domain_names)}: domain "
                          f"ids would mean other domains; use the splits of one pool")
     mine, theirs = _tokenizer_block(train), _tokenizer_block(other)
     if mine and theirs and mine.get("fingerprint_sha256") != theirs.get("fingerprint_sha256"):
