@@ -87,10 +87,13 @@ def test_two_concurrent_build_processes_one_wins(corpus, tmp_path):
     """Two real processes started together on one --out: exactly one exits 0, the pool at --out is
     the winner's (told apart by --max-length), and the loser says why."""
     out = tmp_path / "p"
+    # enough records that each build takes longer than the two processes' start-up skew, so both
+    # usually pass the start check before either commits (the race of the issue)
+    src = write_jsonl(tmp_path / "t.jsonl", corpus["records"]["train"] * 60)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     procs = {length: subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "build_pool.py"), "--tokenizer", str(corpus["tok"]), "--train",
-         str(corpus["train"]), "--out", str(out), "--max-length", str(length), "--quiet"],
+         str(src), "--out", str(out), "--max-length", str(length), "--quiet"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for length in (4096, 4095)}
     results = {length: (p.wait(timeout=300), p.stderr.read()) for length, p in procs.items()}
     winners = [length for length, (code, _) in results.items() if code == 0]
@@ -99,7 +102,7 @@ def test_two_concurrent_build_processes_one_wins(corpus, tmp_path):
     assert results[loser][0] == 1
     assert "already exists" in results[loser][1] or "appeared while this build ran" in results[loser][1]
     assert pf.read_manifest(out)["max_length"] == winners[0]
-    assert len(CandidatePool(out, split="train")) == len(corpus["records"]["train"])
+    assert len(CandidatePool(out, split="train")) == 60 * len(corpus["records"]["train"])
     assert not list(tmp_path.glob(".p.tmp-*")) and not list(tmp_path.glob(".p.old-*"))
 
 

@@ -27,9 +27,9 @@ import torch
 
 from ds_partitionsel import pool_format as pf
 from ds_partitionsel.config import ConfigError, PartitionSelConfig
-from ds_partitionsel.data import CandidatePool, PoolFormatError, check_pad_id, check_same_pool
+from ds_partitionsel.data import CandidatePool, PoolFormatError
 from ds_partitionsel.runs import pool_fingerprint
-from ds_partitionsel.sampler import PoolSampler, as_int
+from ds_partitionsel.sampler import PoolSampler
 from real_pool import REPO
 from test_build_bad_input import corpus, run, write_jsonl  # noqa: F401
 
@@ -195,6 +195,7 @@ def test_tokenizer_with_custom_code_is_never_run(corpus, tmp_path):
         "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     cfg = json.loads((tok / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": ["custom_tok.CustomTokenizer", "custom_tok.CustomTokenizer"]}
+    cfg["tokenizer_class"] = "CustomTokenizer"  # no class of transformers: only the custom code has it
     (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
     code = ("import sys\nfrom ds_partitionsel.pool_format import load_tokenizer\n"
             f"try:\n    load_tokenizer({str(tok)!r})\nexcept ValueError as e:\n    print('refused:', e)\n")
@@ -203,6 +204,8 @@ def test_tokenizer_with_custom_code_is_never_run(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     assert not marker.exists()
+    assert proc.stdout.startswith(f"refused: could not load a tokenizer from {str(tok)!r}"), proc.stdout
+    assert "custom code" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- poor: the API
@@ -223,6 +226,8 @@ def test_indices_must_be_integers(pools):
 
 
 def test_negative_step_and_float_sizes(pools):
+    from ds_partitionsel.sampler import as_int
+
     sampler = PoolSampler(24, 8, seed=1)
     with pytest.raises(ValueError, match="step must be >= 0 .* got -1"):
         sampler.pool(-1)
@@ -235,6 +240,8 @@ def test_negative_step_and_float_sizes(pools):
 
 
 def test_pad_id_beyond_the_vocabulary(pools):
+    from ds_partitionsel.data import check_pad_id
+
     pool = CandidatePool(pools["sharded"], split="train")
     vocab = pool.manifest["tokenizer"]["vocab_size"]
     with pytest.raises(ValueError, match=f"pad_token_id {vocab} is outside the vocabulary .*ids 0..{vocab - 1}"):
@@ -257,6 +264,7 @@ def tiny_model(vocab: int):
 def test_selector_boundary(pools, corpus, tmp_path):
     """Selector refuses a validation split of another pool (other domains; other tokenizer), a float
     batch size and a pad id past the vocabulary, before anything is sketched."""
+    from ds_partitionsel.data import check_same_pool
     from ds_partitionsel.selector import Selector
 
     train = CandidatePool(pools["sharded"], split="train")

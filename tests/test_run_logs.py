@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from ds_partitionsel.records import EvalRecord, MetricsSink, StepRecord, loads, read_metrics, write_json
+from ds_partitionsel.records import EvalRecord, MetricsSink, StepRecord, read_metrics
 from real_pool import load_tool
 
 analyze_run = load_tool("analyze_run")
@@ -118,6 +118,8 @@ def test_nonfinite_values_are_written_as_json_and_read_back(tmp_path):
 
 
 def test_summary_json_helper_is_strict_json(tmp_path):
+    from ds_partitionsel.records import loads, write_json
+
     path = tmp_path / "summary.json"
     write_json(path, {"final_train_loss": math.nan, "steps": 3, "losses": [1.0, math.inf]})
     assert strict(path.read_text()) == {"final_train_loss": "NaN", "steps": 3, "losses": [1.0, "Infinity"]}
