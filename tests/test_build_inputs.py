@@ -15,13 +15,11 @@ test_build_bad_input), so every build runs in-process in about a second.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from ds_partitionsel import pool_builder

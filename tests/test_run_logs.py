@@ -117,7 +117,7 @@ def test_nonfinite_values_are_written_as_json_and_read_back(tmp_path):
     assert math.isnan(read_metrics(run / "old.jsonl")[0][0].train_loss)
 
 
-def test_summary_json_helper_is_strict_json(tmp_path):
+def test_summary_json_writer_is_strict_json(tmp_path):
     from ds_partitionsel.records import loads, write_json
 
     path = tmp_path / "summary.json"
