@@ -224,8 +224,9 @@ def plot_lines(runs, key, sub, title, ylabel, path, window):
     for method, run in sorted(runs.items()):
         x, y = series(run["steps"], key, sub)
         if len(x):
-            finite = np.isfinite(y)
-            (line,) = ax.plot(x[finite], smooth(y[finite], window), label=method, lw=1.5)
+            finite, at = np.isfinite(y), first_nonfinite(x, y)
+            label = method if at is None else f"{method} (non-finite from step {at:g})"
+            (line,) = ax.plot(x[finite], smooth(y[finite], window), label=label, lw=1.5)
             _mark_nonfinite(ax, x, y, line.get_color())
             drawn += 1
     if not drawn:
@@ -260,8 +261,9 @@ def plot_eval(runs, names, path, window):
         for method, run in sorted(runs.items()):
             x, y = series(run["evals"], "eval_loss", key)
             if len(x):
-                finite = np.isfinite(y)
-                (line,) = ax.plot(x[finite], smooth(y[finite], window), marker="o", ms=3, label=method)
+                finite, at = np.isfinite(y), first_nonfinite(x, y)
+                label = method if at is None else f"{method} (non-finite from step {at:g})"
+                (line,) = ax.plot(x[finite], smooth(y[finite], window), marker="o", ms=3, label=label)
                 _mark_nonfinite(ax, x, y, line.get_color())
         ax.set(title=f"held-out loss: {key}", xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
