@@ -616,6 +616,10 @@ def make_plan(args, tokenizer) -> Plan:
     fields = Fields(args.prompt_field, args.response_field, args.domain_field,
                     (args.text_field or "text") if pretraining else None)
     train = [open_source(s) for s in args.train] + [open_megatron(m, vocab) for m in args.megatron]
+    named = [d.strip() for d in (args.domains or "").split(",") if d.strip()] + [s.domain for s in train if s.domain]
+    problems = pf.domain_name_problems(list(dict.fromkeys(named)))  # names known before tokenizing: fail early
+    if problems:
+        raise ValueError(f"domain names that cannot be logged: {'; '.join(problems)}")
     groups = [{"sources": train, "splits": ["train"] + (["valid"] if args.valid_fraction else [])}]
     if args.valid:
         groups.append({"sources": [open_source(s) for s in args.valid], "splits": ["valid"]})

@@ -123,6 +123,17 @@ def test_domain_names_the_logs_cannot_hold_are_refused(corpus, tmp_path, capsys,
     assert len(errors) == 1 and errors[0].startswith("error: domain names that cannot be logged:"), err
 
 
+def test_domain_names_given_up_front_fail_before_tokenizing(corpus, tmp_path, capsys, monkeypatch):
+    """--domains (and --megatron DOMAIN=) names are checked before any shard is built."""
+    def no_shard(*a, **k):
+        raise AssertionError("a shard was built")
+
+    monkeypatch.setattr(pool_builder, "build_shard", no_shard)
+    out = tmp_path / "p"
+    assert_refused(run(corpus, out, "--domains", "code,math,molecules,a/b,a_b"), capsys,
+                   "error: domain names that cannot be logged: domains 'a/b' and 'a_b' are both logged as 'a_b'", out)
+
+
 def test_domain_name_rules_accept_ordinary_names():
     assert pf.domain_name_problems(["code", "math", "molecules", "web/en", "d" * 100]) == []
     assert pf.monitor_file_stem("a b/c") == "a_b_c"
