@@ -7,10 +7,10 @@ lifetime, so two processes never write into one log at the same time.
 
 Resume identity. A checkpoint records (JSON, next to DeepSpeed's files, and in DeepSpeed's
 client state) the selection config, the per-step pool and batch sizes, and a fingerprint of
-each pool split: the SHA-256 of its manifest entries (tokenizer fingerprint, domains, max length
-and the SHA-256 of every array file the builder recorded). A resume compares them before any
-weight is loaded and refuses any difference unless ``allow_changes`` is given; the error lists
-every difference. Keys that only change logging, evaluation or timeouts
+each pool split: the SHA-256 of its manifest entries (tokenizer fingerprint, domains, max length,
+each shard's domain table and the SHA-256 of every array file the builder recorded). A resume
+compares them before any weight is loaded and refuses any difference unless ``allow_changes``
+is given; the error lists every difference. Keys that only change logging, evaluation or timeouts
 (:data:`~ds_partitionsel.config.RESUME_FREE_KEYS`) may change freely; so may the world size (the
 selection does not depend on it).
 """
