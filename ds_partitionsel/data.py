@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .pool_format import PoolFormatError, load_tokenizer, open_split_arrays, read_manifest, tokenizer_fingerprint
+from .sampler import as_int
 
-__all__ = ["CandidatePool", "PoolFormatError"]
+__all__ = ["CandidatePool", "PoolFormatError", "check_pad_id", "check_same_pool"]
 
 IGNORE_INDEX = -100
 
@@ -96,9 +97,7 @@ class CandidatePool:
 
     def _index(self, i) -> int:
         n = len(self)
-        if isinstance(i, (torch.Tensor, np.ndarray)):
-            i = i.item()
-        i = int(i)
+        i = as_int(i, "a pool index")  # 2.7 or True is a caller's bug, never a record
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a pool split of {n} records")
         return i + n if i < 0 else i
@@ -125,8 +124,7 @@ class CandidatePool:
         ``attention_mask`` (B, T) int64, ``loss_mask`` (B, T) bool, ``labels`` (B, T) int64
         (``input_ids`` where ``loss_mask``, else -100) and ``domains`` (B,) int64.
         """
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; pass the tokenizer's pad id (or its eos id if it has none)")
+        pad_token_id = check_pad_id(self, pad_token_id)
         idx = [self._index(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
         if not idx:
             raise ValueError("collate needs at least one index")
@@ -164,3 +162,42 @@ class CandidatePool:
     def __repr__(self) -> str:
         counts = dict(zip(self.domain_names, self.domain_counts().tolist()))
         return f"CandidatePool({str(self.path)!r}, split={self.split!r}, n={len(self)}, domains={counts})"
+
+
+def _tokenizer_block(pool) -> dict:
+    manifest = getattr(pool, "manifest", None)  # a view of a pool (a subset) may carry none
+    block = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    return block if isinstance(block, dict) else {}
+
+
+def check_pad_id(pool, pad_token_id) -> int:
+    """``pad_token_id`` as an int inside the vocabulary of ``pool``'s tokenizer, else
+    ``ValueError``/``TypeError`` (an id past the vocabulary fails only later, as a bare IndexError
+    in the model's embedding)."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; pass the tokenizer's pad id (or its eos id if it has none)")
+    pad = as_int(pad_token_id, "pad_token_id")
+    vocab = _tokenizer_block(pool).get("vocab_size")
+    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+    if pad < 0 or (vocab is not None and pad >= vocab):
+        raise ValueError(f"pad_token_id {pad} is outside the vocabulary of the tokenizer of pool "
+                         f"{getattr(pool, 'path', '?')} (ids 0..{vocab - 1 if vocab else '?'}); pass the "
+                         f"tokenizer's pad id (or its eos id when it has none)")
+    return pad
+
+
+def check_same_pool(train, other, what: str = "validation split") -> None:
+    """Refuse ``other`` (a split used with the training split ``train``) when it comes from a pool
+    with other domains (ids would name other domains) or another tokenizer (ids would be other
+    tokens). Raises ``ValueError`` naming both pools."""
+    if list(other.domain_names) != list(train.domain_names):
+        raise ValueError(f"the {what} ({getattr(other, 'path', '?')}) has domains {list(other.domain_names)}, "
+                         f"the training split ({getattr(train, 'path', '?')}) has {list(train.domain_names)}: domain "
+                         f"ids would mean other domains; use the splits of one pool")
+    mine, theirs = _tokenizer_block(train), _tokenizer_block(other)
+    if mine and theirs and mine.get("fingerprint_sha256") != theirs.get("fingerprint_sha256"):
+        raise ValueError(f"the {what} ({getattr(other, 'path', '?')}) was built with tokenizer "
+                         f"{theirs.get('name_or_path')!r} (fingerprint {str(theirs.get('fingerprint_sha256'))[:12]}), "
+                         f"the training split ({getattr(train, 'path', '?')}) with {mine.get('name_or_path')!r} "
+                         f"({str(mine.get('fingerprint_sha256'))[:12]}): token ids would mean other tokens; use the "
+                         f"splits of one pool")

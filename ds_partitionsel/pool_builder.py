@@ -10,9 +10,11 @@ pool (:func:`write_manifest`). docs/POOLS.md describes the format and the guaran
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -95,7 +97,9 @@ class Source:
                     if unit >= stop:
                         break
                     if unit >= start:
-                        yield unit, line
+                        # a UTF-8 byte-order mark starts some files (Windows editors): not part of the record
+                        yield unit, (line[len(codecs.BOM_UTF8):] if unit == 0 and line.startswith(codecs.BOM_UTF8)
+                                     else line)
                     unit += 1
         elif self.kind == "megatron":
             ds = self._data
@@ -145,7 +149,10 @@ def open_source(path: str) -> Source:
     if not p.is_file():
         raise ValueError(f"input {path!r} does not exist (expected a .jsonl, .json, .parquet or .arrow file "
                          f"or a save_to_disk folder)")
+    check_not_compressed(p)
     suffix = p.suffix.lower()
+    if suffix == ".arrow":
+        check_arrow_stream(p)
     if suffix in (".parquet", ".arrow", ".json"):
         import datasets
 
@@ -159,6 +166,78 @@ def open_source(path: str) -> Source:
         return Source(path, "hf", len(ds), pf.sha256_file(p), _data=ds)
     digest, n, marks = _index_lines(path)
     return Source(path, "jsonl", n, digest, _data=marks)
+
+
+# the first bytes of compressed files: (magic, format, how to decompress)
+COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"),
+              (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+
+
+def check_not_compressed(path: Path) -> None:
+    """Compressed input is not read; ``ValueError`` saying so (before it is taken for bad text)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, name, tool in COMPRESSED:
+        if head.startswith(magic):
+            raise ValueError(f"input {path} is {name}-compressed; inputs are read uncompressed: decompress it "
+                             f"first ({tool} {path}) and pass the decompressed file")
+
+
+ARROW_FILE_MAGIC = b"ARROW1"  # the Arrow IPC *file* (random access) format; the stream format has none
+
+
+def check_arrow_stream(path: Path) -> None:
+    """``.arrow`` inputs are read as ``datasets`` writes them: the Arrow IPC *stream* format."""
+    with open(path, "rb") as f:
+        head = f.read(len(ARROW_FILE_MAGIC))
+    if head == ARROW_FILE_MAGIC:
+        raise ValueError(
+            f"{path} is in the Arrow IPC file (random access) format; only the Arrow IPC stream format (what "
+            f"datasets' save_to_disk writes) is read: convert it, e.g. with pyarrow: t = "
+            f"pyarrow.ipc.open_file(SRC).read_all(); pyarrow.parquet.write_table(t, DST.parquet), and pass the "
+            f".parquet file")
+
+
+def input_warnings(plan) -> list:
+    """Build inputs that are probably a mistake but not an error: the same content given twice
+    (compared by SHA-256: ``--valid`` equal to ``--train``, or one file listed twice), and no
+    validation split at all."""
+    warnings_, seen = [], {}
+    for grp in plan.groups:
+        for src in grp["sources"]:
+            role = "--valid" if grp["splits"] == ["valid"] else "--train"
+            key = (src.sha256, src.kind)
+            if key in seen:
+                first = seen[key]
+                what = ("its records would be both trained on and held out" if first[0] != role
+                        else "its records would be counted twice")
+                warnings_.append(f"{role} {src.path} has the same content (SHA-256 {src.sha256[:12]}) as "
+                                 f"{first[0]} {first[1]}: {what}")
+            else:
+                seen[key] = (role, src.path)
+    if not any("valid" in grp["splits"] for grp in plan.groups):
+        warnings_.append("no validation split (neither --valid nor --valid-fraction): training needs held-out "
+                         "records (selection anchors, held-out loss) and will refuse this pool; add --valid "
+                         "FILES or --valid-fraction F")
+    return warnings_
+
+
+def describe_failure(e: BaseException, where: str, folder=None) -> str:
+    """One line for an unexpected exception while building; a full disk is called one.
+
+    numpy reports a short write to a full disk as ``OSError("N requested and M written")``
+    without an errno, so that message counts as a full disk too; ``folder`` (where the pool is
+    written) adds the free space of its file system.
+    """
+    short_write = re.search(r"\d+ requested and \d+ written", str(e))
+    if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or short_write):
+        try:
+            free = f", {shutil.disk_usage(folder).free} bytes free on the file system of {folder}" if folder else ""
+        except OSError:
+            free = ""
+        return (f"{where}: the disk is full ({e.strerror or e}{free}); free space on it or build to another file "
+                f"system (--out); nothing was written")
+    return f"{where}: {type(e).__name__}: {e}"
 
 
 def _indexed_dataset_module():
@@ -537,6 +616,10 @@ def make_plan(args, tokenizer) -> Plan:
     fields = Fields(args.prompt_field, args.response_field, args.domain_field,
                     (args.text_field or "text") if pretraining else None)
     train = [open_source(s) for s in args.train] + [open_megatron(m, vocab) for m in args.megatron]
+    named = [d.strip() for d in (args.domains or "").split(",") if d.strip()] + [s.domain for s in train if s.domain]
+    problems = pf.domain_name_problems(list(dict.fromkeys(named)))  # names known before tokenizing: fail early
+    if problems:
+        raise ValueError(f"domain names that cannot be logged: {'; '.join(problems)}")
     groups = [{"sources": train, "splits": ["train"] + (["valid"] if args.valid_fraction else [])}]
     if args.valid:
         groups.append({"sources": [open_source(s) for s in args.valid], "splits": ["valid"]})
@@ -584,6 +667,9 @@ def build(args, comm) -> int:
                 None if args.overwrite else
                 f"output {args.out} already exists; pass --overwrite to replace it (the old pool is kept if "
                 f"the build fails)")
+    if rank == 0 and err is None:
+        for warning in input_warnings(plan):
+            say(f"warning: {warning}")
     if err:
         fail(err)
     if not _all_ok(comm, err is None):
@@ -594,7 +680,7 @@ def build(args, comm) -> int:
         try:
             staging = pf.make_staging(out)
         except OSError as e:
-            fail(f"cannot create a staging directory next to {out}: {e}")
+            fail(describe_failure(e, f"cannot create a staging directory next to {out}", out.parent))
     shared = _bcast_json(comm, str(staging) if staging else None)
     if shared is None:
         return EXIT_BUILD_ERROR
@@ -616,7 +702,8 @@ def build(args, comm) -> int:
                     err = str(e)
                     break
                 except Exception as e:  # noqa: BLE001 - reported, so that every rank still reaches the gather
-                    err = f"shard {k} of {[src.path for src in plan.groups[g]['sources']]}: {type(e).__name__}: {e}"
+                    err = describe_failure(e, f"shard {k} of {[src.path for src in plan.groups[g]['sources']]}",
+                                           out.parent)
                     break
                 metas.append(meta)
                 if meta["errors"] and not plan.skip_bad:
@@ -634,7 +721,7 @@ def build(args, comm) -> int:
                         f"{clock['tokenize'] - clock['setup']:.2f} s, manifest {time.perf_counter() - t0:.2f} s; "
                         f"{size} worker(s)")
             except Exception as e:  # report, and let every rank exit with the same status
-                err = f"{type(e).__name__}: {e}"
+                err = describe_failure(e, f"writing the pool next to {out}", out.parent)
             if err:
                 fail(err)
         ok = _all_ok(comm, err is None)
@@ -671,6 +758,9 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
             return f"records have domains {unknown} that --domains {args.domains!r} does not list"
     else:
         names = found
+    problems = pf.domain_name_problems(names)
+    if problems:
+        return f"domain names that cannot be logged: {'; '.join(problems)}"
     per_split = {split: pf.merge_per_domain(e.pop("per_domain") for e in s["shards"]) for split, s in splits.items()}
     problem = check_vanished_domains(plan, per_split, metas)
     if problem:
@@ -723,7 +813,10 @@ def write_manifest(args, out: Path, staging: Path, plan: Plan, info: dict, gathe
     with open(staging / pf.MANIFEST, "w", encoding="utf-8") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     inputs = [args.tokenizer] + [f for grp in plan.groups for src in grp["sources"] for f in src.files()]
-    pf.commit_pool(staging, out, inputs)
+    try:
+        pf.commit_pool(staging, out, inputs, overwrite=args.overwrite)
+    except pf.PoolFormatError as e:  # --out changed while this build ran
+        return str(e)
     if not args.quiet:
         say(summary(manifest, errors))
         say(f"wrote {out}")

@@ -61,6 +61,9 @@ ARRAY_FILES = {
 }
 
 
+MIN_RECORD_TOKENS = 2  # one token to read, one to predict
+
+
 class PoolFormatError(ValueError):
     """A pool directory is missing files, has inconsistent sizes, or has an unknown format."""
 
@@ -86,7 +89,8 @@ def load_tokenizer(name_or_path):
             f"tokenizer path {str(name_or_path)!r} does not exist. Pass a local folder with tokenizer "
             f"files, e.g. .cache/models/smollm2-135m (python tools/fetch_demo_data.py --model-only).")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # never run code shipped with a tokenizer folder (a manifest can name any folder)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises several types (OSError, ValueError, KeyError)
         raise ValueError(f"could not load a tokenizer from {str(path)!r}: {type(e).__name__}: {e}") from e
 
@@ -122,6 +126,42 @@ def tokenizer_info(tokenizer, name_or_path) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+MAX_DOMAIN_NAME_BYTES = 100  # a domain name becomes part of monitor file names (limit 255 bytes)
+RESERVED_DOMAIN_NAMES = ("mean",)  # held-out loss logs the mean over domains under this key
+
+
+def monitor_file_stem(name: str) -> str:
+    """What DeepSpeed's csv monitor makes of a metric name in its file name ('/' and ' ' -> '_')."""
+    return name.replace("/", "_").replace(" ", "_")
+
+
+def domain_name_problems(names) -> list:
+    """Why these domain names cannot be logged one file per domain (empty: they can).
+
+    Each domain's per-step counts and held-out loss are logged as metrics named after it, and
+    DeepSpeed's csv monitor writes one file per metric name, mapping '/' and ' ' to '_'. Two
+    names that map to one file (``a/b`` and ``a_b``) would interleave in one series; a name
+    longer than :data:`MAX_DOMAIN_NAME_BYTES` (UTF-8) makes a file name the file system refuses;
+    control characters break file names and csv rows; ``mean`` is the held-out loss's average.
+    """
+    problems, seen = [], {}
+    for name in names:
+        stem = monitor_file_stem(name)
+        if stem in seen and seen[stem] != name:
+            problems.append(f"domains {seen[stem]!r} and {name!r} are both logged as {stem!r} (metric files "
+                            f"map '/' and ' ' to '_'); rename one of them")
+        seen.setdefault(stem, name)
+        if len(name.encode("utf-8")) > MAX_DOMAIN_NAME_BYTES:
+            problems.append(f"domain name {name[:40]!r}... is {len(name.encode('utf-8'))} bytes long; at most "
+                            f"{MAX_DOMAIN_NAME_BYTES} fit in a metric file name: use a shorter name")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            problems.append(f"domain name {name!r} contains a control character; rename it")
+        if name in RESERVED_DOMAIN_NAMES:
+            problems.append(f"domain name {name!r} is reserved (the held-out loss averaged over domains is "
+                            f"logged as {name!r}); rename it")
+    return problems
 
 
 def _ids(encoded) -> list:
@@ -262,6 +302,10 @@ class ShardBuffer:
         self.counts = {}  # extra per-domain counters (documents, dropped tokens, ...), summed at the end
 
     def add(self, ids: np.ndarray, mask: np.ndarray, domain: str, truncated: bool = False) -> None:
+        if len(ids) < MIN_RECORD_TOKENS:  # nothing to predict: it would train as a loss of 0
+            raise ValueError(f"a record of domain {domain!r} holds {len(ids)} token(s), fewer than the "
+                             f"{MIN_RECORD_TOKENS} a training target needs (a document that tokenizes to nothing "
+                             f"but EOS?); remove it from the input")
         self.tokens.append(np.asarray(ids, dtype=self.dtype))
         self.masks.append(np.asarray(mask, dtype=np.bool_))
         self.lengths.append(len(ids))
@@ -348,6 +392,15 @@ def read_manifest(pool_dir) -> dict:
     for key in ("tokenizer", "max_length", "domains", "splits"):
         if key not in manifest:
             raise PoolFormatError(f"{path}: missing key {key!r}")
+    domains = manifest["domains"]
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise PoolFormatError(f"{path}: 'domains' must be a list of names, got {domains!r}")
+    twice = sorted({d for d in domains if domains.count(d) > 1})
+    if twice:
+        raise PoolFormatError(f"{path}: 'domains' lists {twice} more than once; a domain has one id. "
+                              f"The manifest was edited: rebuild the pool")
+    if not isinstance(manifest["splits"], dict):
+        raise PoolFormatError(f"{path}: 'splits' must map split names to their entries")
     return manifest
 
 
@@ -357,10 +410,39 @@ def split_shards(manifest: dict, split: str) -> list:
     if manifest["format_version"] == 1:  # one shard, arrays in the split folder, global domain ids
         return [{"dir": split, "num_records": entry["num_records"], "num_tokens": entry["num_tokens"],
                  "domains": list(manifest["domains"]), "files": entry["files"]}]
-    shards = entry.get("shards")
+    shards = entry.get("shards") if isinstance(entry, dict) else None
     if not isinstance(shards, list):
         raise PoolFormatError(f"manifest split {split!r} lists no shards")
+    for k, s in enumerate(shards):
+        _check_shard_entry(s, f"manifest split {split!r}, shard {k}")
     return [dict(s, dir=f"{split}/{s['dir']}".rstrip("/")) for s in shards]
+
+
+# what a shard entry of the manifest holds: key -> (type, what it is)
+SHARD_KEYS = {"dir": (str, "its folder inside the split folder"), "num_records": (int, "a count"),
+              "num_tokens": (int, "a count"), "domains": (list, "its domain table"),
+              "files": (dict, "its array files")}
+
+
+def _check_shard_entry(shard, where: str) -> None:
+    """A shard entry names a folder inside its split (no ``..``, not absolute), its counts, a
+    domain table of distinct names and its files; ``PoolFormatError`` naming what is wrong."""
+    if not isinstance(shard, dict):
+        raise PoolFormatError(f"{where} is not an object: the manifest is damaged, rebuild the pool")
+    for key, (kind, what) in SHARD_KEYS.items():
+        if not isinstance(shard.get(key), kind) or isinstance(shard.get(key), bool):
+            raise PoolFormatError(f"{where} has no valid {key!r} ({what}; got {shard.get(key)!r}): the manifest "
+                                  f"is damaged, rebuild the pool")
+    folder = shard["dir"]
+    if folder.startswith("/") or "\\" in folder or any(part in ("..", ".") for part in folder.split("/")):
+        raise PoolFormatError(f"{where}: 'dir' {folder!r} leaves the split folder; a pool only reads files "
+                              f"inside itself (rebuild the pool)")
+    names = shard["domains"]
+    if not all(isinstance(d, str) for d in names):
+        raise PoolFormatError(f"{where}: its domain table {names!r} must list names")
+    twice = sorted({d for d in names if names.count(d) > 1})
+    if twice:
+        raise PoolFormatError(f"{where}: its domain table lists {twice} more than once; rebuild the pool")
 
 
 def pool_files(manifest: dict) -> list:
@@ -382,8 +464,12 @@ def open_shard(pool_dir, manifest: dict, shard: dict, verify: bool = False) -> d
     pool domain id, an int64 array).
     """
     base = Path(pool_dir) / shard["dir"]
+    root = Path(pool_dir).resolve()
+    if base.resolve() != root and root not in base.resolve().parents:  # e.g. a symbolic link out of the pool
+        raise PoolFormatError(f"{base} resolves to {base.resolve()}, outside the pool {root}; a pool only reads "
+                              f"files inside itself")
     arrays = {}
-    for name in ARRAY_FILES:
+    for name, (want_dtype, _) in ARRAY_FILES.items():
         path = base / name
         rec = shard["files"].get(name)
         if rec is None:
@@ -396,7 +482,15 @@ def open_shard(pool_dir, manifest: dict, shard: dict, verify: bool = False) -> d
                 f"the file was changed or truncated, rebuild the pool")
         if verify and sha256_file(path) != rec["sha256"]:
             raise PoolFormatError(f"{path}: SHA-256 differs from the manifest; rebuild the pool")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # e.g. an object array (pickle), or not a .npy file
+            raise PoolFormatError(f"{path} is not a plain .npy array ({e}); pools hold numeric arrays only, "
+                                  f"never pickled objects: rebuild the pool") from None
+        allowed = (np.dtype(np.uint16), np.dtype(np.uint32)) if want_dtype is None else (np.dtype(want_dtype),)
+        if arr.dtype not in allowed:
+            raise PoolFormatError(f"{path} holds {arr.dtype} values, expected "
+                                  f"{' or '.join(d.name for d in allowed)}: rebuild the pool")
         if arr.dtype.str != rec["dtype"] or list(arr.shape) != rec["shape"]:
             raise PoolFormatError(f"{path}: dtype/shape {arr.dtype.str}{list(arr.shape)} differ from the "
                                   f"manifest's {rec['dtype']}{rec['shape']}")
@@ -409,6 +503,11 @@ def open_shard(pool_dir, manifest: dict, shard: dict, verify: bool = False) -> d
             raise PoolFormatError(f"{base}/{stem}.npy has shape {arrays[stem].shape}, expected ({want},)")
     if offsets[0] != 0 or offsets[-1] != t or (n > 0 and np.any(np.diff(offsets) < 0)):
         raise PoolFormatError(f"{base}/offsets.npy is not a valid offset table (0 .. {t}, nondecreasing)")
+    if n > 0 and np.diff(offsets).min() < MIN_RECORD_TOKENS:
+        short = int(np.argmin(np.diff(offsets)))
+        raise PoolFormatError(f"{base}: record {short} holds {int(offsets[short + 1] - offsets[short])} token(s), "
+                              f"fewer than the {MIN_RECORD_TOKENS} a training target needs (it would train as a "
+                              f"loss of 0); rebuild the pool")
     names = list(manifest["domains"])
     unknown = [d for d in shard["domains"] if d not in names]
     if unknown:
@@ -431,7 +530,29 @@ def open_split_arrays(pool_dir, manifest: dict, split: str, verify: bool = False
     if n != entry["num_records"]:
         raise PoolFormatError(f"pool {pool_dir} split {split!r}: shards hold {n} records, the manifest "
                               f"says {entry['num_records']}")
+    check_domain_counts(pool_dir, manifest, split, opened)
     return opened
+
+
+def check_domain_counts(pool_dir, manifest: dict, split: str, opened: list) -> None:
+    """The records of each domain, counted through every shard's own domain table, must be the
+    split's ``per_domain`` counts of the manifest: a shard whose table was reordered or renamed
+    would otherwise relabel its records silently (its files, and so their hashes, unchanged)."""
+    per_domain = manifest["splits"][split].get("per_domain")
+    if not isinstance(per_domain, dict):
+        return  # version 1 pools record no per-domain counts
+    names = list(manifest["domains"])
+    counts = np.zeros(len(names), np.int64)
+    for arrays in opened:
+        local = np.bincount(np.asarray(arrays["domains"], dtype=np.int64), minlength=len(arrays["global_domain"]))
+        np.add.at(counts, arrays["global_domain"], local[:len(arrays["global_domain"])])
+    wrong = [(d, int(counts[j]), (per_domain.get(d) or {}).get("records", 0)) for j, d in enumerate(names)
+             if int(counts[j]) != (per_domain.get(d) or {}).get("records", 0)]
+    if wrong:
+        detail = "; ".join(f"{d!r}: {got} records in the shards, {want} in the manifest" for d, got, want in wrong)
+        raise PoolFormatError(f"pool {pool_dir} split {split!r}: per-domain record counts disagree with the "
+                              f"manifest ({detail}): a shard's domain table or domains.npy was changed, so records "
+                              f"would carry the wrong domain. Rebuild the pool")
 
 
 # ----------------------------------------------------------------------------- replacing a pool
@@ -478,13 +599,33 @@ def make_staging(out: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
 
 
-def commit_pool(staging: Path, out: Path, inputs=()) -> None:
+def commit_pool(staging: Path, out: Path, inputs=(), overwrite: bool = False) -> None:
     """Move a finished pool into place. An existing ``out`` must pass :func:`check_replaceable`
-    (checked again here, right before it is touched); it is kept until the new pool is there."""
+    (checked again here, right before it is touched); it is kept until the new pool is there.
+
+    Without ``overwrite`` the claim of ``out`` is atomic: ``mkdir(out)`` fails when anything
+    appeared there since the build started (another build to the same ``--out``), and only the
+    empty folder this process just created is then replaced by the rename. Raises
+    :class:`PoolFormatError` (nothing changed) in that case.
+    """
     reason = check_replaceable(out, inputs)
     if reason:
         raise PoolFormatError(reason)
     os.chmod(staging, 0o755)  # mkdtemp makes it private
+    if not overwrite:
+        try:
+            os.mkdir(out)  # atomic: exactly one of several builds to ``out`` gets it
+        except FileExistsError:
+            raise PoolFormatError(
+                f"--out {out} appeared while this build ran (another build to the same --out?); it was left as it "
+                f"is and this build's pool was discarded: choose another --out, or pass --overwrite to replace "
+                f"it") from None
+        try:
+            os.rename(staging, out)  # replaces the empty folder claimed above
+        except BaseException:
+            os.rmdir(out)
+            raise
+        return
     if out.exists():
         backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.rmdir(backup)

@@ -11,15 +11,76 @@ A run's ``metrics.jsonl`` holds one JSON object per line, of two kinds:
 Every training loop (the DeepSpeed engine, the Hugging Face Trainer) writes through
 :class:`MetricsSink`; every tool reads through :func:`read_metrics`, which also accepts the logs of
 older runs (no ``kind`` key; ``conflicting_pairs: -1`` meaning "not measured").
+
+Non-finite numbers. JSON has no NaN or infinity, so a diverged run's loss is written as the
+string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (:func:`dumps`; the names JavaScript and
+Python's ``float()`` read), never as a bare ``NaN``; :func:`read_metrics` (and :func:`loads`)
+turn these strings back into floats, and also read the bare ``NaN`` of older logs. ``null``
+keeps its meaning of "not measured". ``summary.json`` files are written the same way
+(:func:`write_json`).
+
+Torn lines. A run killed (or out of disk) while writing leaves its last line without a
+newline. A resumed run cuts such a fragment off before appending (:class:`MetricsSink` says so;
+a complete record that only lacks its newline is kept), and :func:`read_metrics` skips a torn
+last line with a warning instead of failing.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["StepRecord", "EvalRecord", "MetricsSink", "read_metrics", "monitor_events", "step_record"]
+__all__ = ["StepRecord", "EvalRecord", "MetricsSink", "read_metrics", "monitor_events", "step_record",
+           "dumps", "loads", "write_json", "is_finite_number"]
+
+NONFINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by its name (``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``); dict keys and every other value unchanged."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def restore_nonfinite(obj):
+    """Inverse of :func:`json_safe`: the names of non-finite floats (as values) become floats."""
+    if isinstance(obj, str) and obj in NONFINITE_NAMES:
+        return NONFINITE_NAMES[obj]
+    if isinstance(obj, dict):
+        return {k: restore_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [restore_nonfinite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON (no bare NaN/Infinity) with non-finite floats written as their names."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def loads(text: str):
+    """Parse what :func:`dumps` (or an older writer, with bare NaN) wrote, non-finite floats restored."""
+    return restore_nonfinite(json.loads(text))
+
+
+def write_json(path, obj, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (see :func:`dumps`) to ``path``."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(dumps(obj, indent=indent) + "\n")
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -101,6 +162,7 @@ class MetricsSink:
         self.rank = rank
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self._log = open_metrics_log(output_dir, resume=resume) if output_dir and rank == 0 else None
+        self.torn_bytes_dropped = repair_torn_tail(self._log) if self._log is not None else 0
 
     def emit(self, record) -> None:
         if self.rank != 0:
@@ -108,7 +170,7 @@ class MetricsSink:
         if self.monitor is not None:
             self.monitor.write_events(monitor_events(record))
         if self._log is not None:
-            self._log.write(json.dumps(record.to_json()) + "\n")
+            self._log.write(dumps(record.to_json()) + "\n")
             self._log.flush()
 
     def close(self) -> None:
@@ -117,27 +179,72 @@ class MetricsSink:
             self._log = None
 
 
+def repair_torn_tail(fh) -> int:
+    """Make the log behind ``fh`` (opened for appending, locked) end with a whole line.
+
+    A last line without its newline is the fragment of an interrupted write: it is cut off (and
+    reported on stderr) so the next record starts on a line of its own; a complete record that
+    only lacks its newline gets the newline. Returns the number of bytes dropped.
+    """
+    fh.flush()
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
+        return 0
+    with open(fh.name, "rb") as reader:
+        reader.seek(max(0, size - (1 << 20)))
+        tail = reader.read()
+        if tail.endswith(b"\n"):
+            return 0
+        cut = tail.rfind(b"\n")
+        if cut < 0 and size > len(tail):  # a last line over 1 MB: find its start from the beginning
+            reader.seek(0)
+            whole = reader.read()
+            cut, tail = whole.rfind(b"\n"), whole
+        fragment = tail[cut + 1:]
+    try:
+        complete = isinstance(json.loads(fragment.decode("utf-8")), dict)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        complete = False
+    if complete:
+        fh.write("\n")
+        fh.flush()
+        return 0
+    os.ftruncate(fh.fileno(), size - len(fragment))
+    print(f"warning: {fh.name} ended in a torn record (the last {len(fragment)} bytes, without a newline: a run "
+          f"stopped while writing it); dropped that one record before appending", file=sys.stderr, flush=True)
+    return len(fragment)
+
+
 def read_metrics(path) -> Tuple[List[StepRecord], List[EvalRecord]]:
     """Step and eval records of a run (``path``: its ``metrics.jsonl`` or its directory).
 
-    Raises ValueError naming the file and line of a line that is not a record."""
+    Non-finite numbers come back as floats (see the module doc). A torn last line (no newline,
+    not a record) is skipped with a warning. Raises ValueError naming the file and line of any
+    other line that is not a record."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     steps, evals = [], []
     with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+        lines = fh.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if number == len(lines) and not line.endswith("\n"):
             try:
-                raw = json.loads(line)
-                kind = raw.pop("kind", "eval" if "eval_loss" in raw else "step")
-                if kind == "eval":
-                    evals.append(EvalRecord(**raw))
-                else:
-                    if raw.get("conflicting_pairs") == -1:  # older logs: -1 meant "not measured"
-                        raw["conflicting_pairs"] = None
-                    steps.append(StepRecord(**raw))
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: not a metrics record ({e})") from None
+                json.loads(line)
+            except ValueError:
+                warnings.warn(f"{path}:{number}: a torn last line (a run stopped while writing it) was skipped")
+                continue
+        try:
+            raw = loads(line)
+            kind = raw.pop("kind", "eval" if "eval_loss" in raw else "step")
+            if kind == "eval":
+                evals.append(EvalRecord(**raw))
+            else:
+                if raw.get("conflicting_pairs") == -1:  # older logs: -1 meant "not measured"
+                    raw["conflicting_pairs"] = None
+                steps.append(StepRecord(**raw))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}:{number}: not a metrics record ({e})") from None
     return steps, evals
 

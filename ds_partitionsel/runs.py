@@ -7,10 +7,10 @@ lifetime, so two processes never write into one log at the same time.
 
 Resume identity. A checkpoint records (JSON, next to DeepSpeed's files, and in DeepSpeed's
 client state) the selection config, the per-step pool and batch sizes, and a fingerprint of
-each pool split: the SHA-256 of its manifest entries (tokenizer fingerprint, domains, max length
-and the SHA-256 of every array file the builder recorded). A resume compares them before any
-weight is loaded and refuses any difference unless ``allow_changes`` is given; the error lists
-every difference. Keys that only change logging, evaluation or timeouts
+each pool split: the SHA-256 of its manifest entries (tokenizer fingerprint, domains, max length,
+each shard's domain table and the SHA-256 of every array file the builder recorded). A resume
+compares them before any weight is loaded and refuses any difference unless ``allow_changes``
+is given; the error lists every difference. Keys that only change logging, evaluation or timeouts
 (:data:`~ds_partitionsel.config.RESUME_FREE_KEYS`) may change freely; so may the world size (the
 selection does not depend on it).
 """
@@ -82,8 +82,9 @@ def _lock(fh, path):
 
 def pool_fingerprint(pool) -> str:
     """SHA-256 over what determines a split's records: the manifest's domains, max length and
-    tokenizer fingerprint, the split's record count and every array file's recorded SHA-256
-    (with its place in the split entry), so any pool layout is covered. Same pool files, same
+    tokenizer fingerprint, the split's record count, every array file's recorded SHA-256
+    (with its place in the split entry) and every shard's domain table, so any pool layout is
+    covered. Same pool files, same
     fingerprint; other records, or the same records in another order, another fingerprint."""
     manifest = pool.manifest
     entry = manifest["splits"][pool.split]
@@ -101,9 +102,12 @@ def pool_fingerprint(pool) -> str:
                 collect(value, f"{where}/{i}")
 
     collect(entry, pool.split)
+    # each shard's own domain table maps its domain ids to names: a reordered table relabels
+    # records without changing any file, so it is part of the identity
+    shard_domains = [s.get("domains") for s in entry.get("shards", []) if isinstance(s, dict)]
     ident = {"domains": manifest.get("domains"), "max_length": manifest.get("max_length"),
              "tokenizer": (manifest.get("tokenizer") or {}).get("fingerprint_sha256"),
-             "num_records": len(pool), "files": hashes}
+             "num_records": len(pool), "files": hashes, "shard_domains": shard_domains}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
 
 

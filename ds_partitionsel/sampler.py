@@ -4,9 +4,30 @@ Stateless by design: the global pool of step ``t`` is a function of ``(seed, epo
 so a resumed run, or a run on another world size, sees exactly the same pools.
 """
 import hashlib
+import numbers
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
+
+
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def as_int(value, what: str) -> int:
+    """``value`` as an ``int``: an int, a numpy integer or a one-element integer tensor/array.
+
+    Raises ``TypeError`` naming ``what`` for a bool, a float (even ``2.0``) or anything else, so
+    that a wrong value is never silently truncated (``int(2.7) == 2``).
+    """
+    if isinstance(value, np.ndarray) and value.size == 1 and np.issubdtype(value.dtype, np.integer):
+        return int(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype in INTEGER_DTYPES:
+        return int(value.item())
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__}"
+                    f"{', dtype ' + str(value.dtype) if hasattr(value, 'dtype') else ''}); pass an int")
 
 
 def derived_seed(*parts) -> int:
@@ -28,6 +49,7 @@ class PoolSampler:
     """
 
     def __init__(self, num_records: int, pool_size: int, seed: int):
+        pool_size = as_int(pool_size, "pool_size")
         if pool_size <= 0:
             raise ValueError(f"pool_size must be positive, got {pool_size}")
         if num_records < pool_size:
@@ -39,7 +61,10 @@ class PoolSampler:
 
     def pool(self, step: int) -> torch.Tensor:
         """Global record ids of step ``step``'s pool, ``(pool_size,)`` int64."""
-        epoch, t = divmod(int(step), self.steps_per_epoch)
+        step = as_int(step, "step")
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (steps count from 0), got {step}")
+        epoch, t = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = torch.randperm(self.num_records, generator=generator("pool", self.seed, epoch))
             self._perm_epoch = epoch

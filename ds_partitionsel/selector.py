@@ -31,9 +31,10 @@ import torch.distributed as dist
 from ds_partitionsel.budgets import allocate_budgets
 from ds_partitionsel.collectives import Communicator
 from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.data import check_pad_id, check_same_pool
 from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.metrics import conflicting_pairs
-from ds_partitionsel.sampler import (PoolSampler, assign_owner_first, generator, lockstep_chunks,
+from ds_partitionsel.sampler import (PoolSampler, as_int, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
 
 logger = logging.getLogger("ds_partitionsel")
@@ -155,6 +156,10 @@ def check_pools(pool, valid_pool, cfg: PartitionSelConfig) -> None:
     if valid_pool is None or len(valid_pool) == 0:
         raise ConfigError("the validation split is empty: PartitionSel needs held-out anchors; "
                           "build the pool with --valid data")
+    try:
+        check_same_pool(pool, valid_pool)
+    except ValueError as e:  # another pool's split: ids would mean other domains or tokens
+        raise ConfigError(str(e)) from None
     if cfg.budget.minority_domains:
         unknown = [d for d in cfg.budget.minority_domains if d not in names]
         if unknown:
@@ -187,12 +192,12 @@ class Selector:
                  pad_token_id: int, group=None):
         check_pools(pool, valid_pool, cfg)
         self.model, self.cfg, self.pool, self.valid_pool = model, cfg, pool, valid_pool
-        self.pad_token_id = int(pad_token_id)
+        self.pad_token_id = check_pad_id(pool, pad_token_id)
         self.group = group
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if initialized else 0
         self.world = dist.get_world_size(group) if initialized else 1
-        self.batch_size = int(batch_size)
+        self.batch_size = as_int(batch_size, "batch_size")
         if self.batch_size % self.world:
             raise ConfigError(f"the batch of {self.batch_size} does not divide over {self.world} ranks")
         self.pool_size = pool_size_for(cfg, self.batch_size)

@@ -14,6 +14,10 @@ Every input is its own run, labelled by its directory name (more of its path whe
 share a name): two runs of one method are two rows, never merged. ``conflicting_pairs`` of
 ``null`` (or the ``-1`` of older logs) means "not measured" and is neither averaged nor plotted.
 A log whose steps repeat (two runs appended into one file) is flagged in the summary.
+Non-finite values (NaN or infinite losses: a diverged run; written as ``"NaN"``/``"Infinity"``
+strings by ``ds_partitionsel.records``, or bare ``NaN`` by older logs) are shown as ``nan`` /
+``inf``, never dropped: the run is flagged in the summary and on stderr with the first step
+where a loss stopped being finite, and the plots mark that step.
 
 Writes into ``--out``: ``domain_mix.png`` (selected domain shares over steps, one panel per
 method), ``train_loss.png``, ``conflicting_pairs.png``, ``utility.png``, ``eval_loss.png``
@@ -36,8 +40,20 @@ PHASES = ("sketch", "solve", "comm", "train")
 # ----------------------------------------------------------------------------- loading
 
 
+NONFINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _value(x):
+    """A number as a float, non-finite ones included (and their JSON-safe names); else None."""
+    if isinstance(x, str):
+        return NONFINITE_NAMES.get(x)
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def _number(x):
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+    """A finite number as a float, else None."""
+    v = _value(x)
+    return v if v is not None and math.isfinite(v) else None
 
 
 def _base_label(path: Path) -> list:
@@ -113,13 +129,14 @@ NOT_NEGATIVE = ("conflicting_pairs", "bytes_sent")
 
 
 def series(records, key, sub=None):
-    """``(steps, values)`` arrays of a numeric field (``rec[key][sub]`` when ``sub``), missing skipped."""
+    """``(steps, values)`` arrays of a numeric field (``rec[key][sub]`` when ``sub``), missing
+    skipped; NaN and infinite values are kept (a diverged run must not look finite)."""
     xs, ys = [], []
     for r in records:
         v = r.get(key)
         if sub is not None:
             v = v.get(sub) if isinstance(v, dict) else None
-        v = _number(v)
+        v = _value(v)
         if v is not None and not (key in NOT_NEGATIVE and v < 0):
             xs.append(r["step"])
             ys.append(v)
@@ -186,13 +203,31 @@ def _save(plt, fig, path: Path):
     return path
 
 
+def first_nonfinite(x: np.ndarray, y: np.ndarray):
+    """The first step whose value is NaN or infinite, or None."""
+    bad = np.flatnonzero(~np.isfinite(y))
+    return float(x[bad[0]]) if len(bad) else None
+
+
+def _mark_nonfinite(ax, x, y, color):
+    """A dashed line at the first non-finite value (matplotlib leaves NaN out silently)."""
+    at = first_nonfinite(x, y)
+    if at is not None:
+        ax.axvline(at, color=color, ls="--", lw=1.0)
+        ax.annotate("non-finite", (at, 0.95), xycoords=("data", "axes fraction"), color=color, fontsize=8,
+                    rotation=90, va="top", ha="right")
+
+
 def plot_lines(runs, key, sub, title, ylabel, path, window):
     plt, fig, (ax,) = _figure()
     drawn = 0
     for method, run in sorted(runs.items()):
         x, y = series(run["steps"], key, sub)
         if len(x):
-            ax.plot(x, smooth(y, window), label=method, lw=1.5)
+            finite, at = np.isfinite(y), first_nonfinite(x, y)
+            label = method if at is None else f"{method} (non-finite from step {at:g})"
+            (line,) = ax.plot(x[finite], smooth(y[finite], window), label=label, lw=1.5)
+            _mark_nonfinite(ax, x, y, line.get_color())
             drawn += 1
     if not drawn:
         plt.close(fig)
@@ -226,7 +261,10 @@ def plot_eval(runs, names, path, window):
         for method, run in sorted(runs.items()):
             x, y = series(run["evals"], "eval_loss", key)
             if len(x):
-                ax.plot(x, smooth(y, window), marker="o", ms=3, label=method)
+                finite, at = np.isfinite(y), first_nonfinite(x, y)
+                label = method if at is None else f"{method} (non-finite from step {at:g})"
+                (line,) = ax.plot(x[finite], smooth(y[finite], window), marker="o", ms=3, label=label)
+                _mark_nonfinite(ax, x, y, line.get_color())
         ax.set(title=f"held-out loss: {key}", xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -258,7 +296,21 @@ def plot_times(runs, path):
 
 
 def _fmt(v, spec=".4g"):
-    return "–" if v is None else format(v, spec)
+    return "–" if v is None else format(v, spec)  # nan / inf print as such
+
+
+def nonfinite_report(run, names) -> dict:
+    """{quantity: (first step, how many records)} of a run's losses that are NaN or infinite."""
+    out = {}
+    checks = [("train_loss", run["steps"], "train_loss", None)] + \
+        [(f"eval {k}", run["evals"], "eval_loss", k) for k in names + ["mean"]] + \
+        [("utility", run["steps"], "utility", None)]
+    for label, records, key, sub in checks:
+        x, y = series(records, key, sub)
+        at = first_nonfinite(x, y)
+        if at is not None:
+            out[label] = (int(at), int((~np.isfinite(y)).sum()))
+    return out
 
 
 def _last_mean(y: np.ndarray, frac=0.1):
@@ -276,6 +328,7 @@ def summary_rows(runs, names) -> list:
         _, util = series(steps, "utility")
         _, conf = series(steps, "conflicting_pairs")
         _, sent = series(steps, "bytes_sent")
+        sent = sent[np.isfinite(sent)]
         totals = np.zeros(len(names))
         for r in steps:
             if isinstance(r.get("domain_counts"), dict):
@@ -285,7 +338,8 @@ def summary_rows(runs, names) -> list:
             "run": label, "method": run["method"], "path": run["path"], "steps": len(steps),
             "repeated_steps": run["repeated_steps"],
             "train_loss_last10pct": _last_mean(loss),
-            "eval_loss": {k: _number(last_eval.get(k)) for k in names + ["mean"]},
+            "eval_loss": {k: _value(last_eval.get(k)) for k in names + ["mean"]},
+            "non_finite": nonfinite_report(run, names),
             "eval_step": run["evals"][-1]["step"] if run["evals"] else None,
             "conflicting_pairs_mean": float(conf.mean()) if len(conf) else None,
             "utility_mean": float(util.mean()) if len(util) else None,
@@ -306,6 +360,8 @@ def summary_markdown(rows, names, plots, skipped) -> str:
         t = r["time_s_mean"]
         tcell = "–" if not t else f"{sum(t.values()):.3g} (" + "+".join(_fmt(t.get(p), ".2g") for p in PHASES) + ")"
         name = r["run"] if r["run"] == r["method"] else f"{r['run']} [{r['method']}]"
+        if r["non_finite"]:
+            name += f" **(diverged: non-finite from step {min(s for s, _ in r['non_finite'].values())})**"
         cells = [name, str(r["steps"]), _fmt(r["train_loss_last10pct"])] + \
             [_fmt(r["eval_loss"][k]) for k in names + ["mean"]] + \
             [_fmt(r["conflicting_pairs_mean"], ".3g"), _fmt(r["utility_mean"]), mix, tcell,
@@ -314,6 +370,13 @@ def summary_markdown(rows, names, plots, skipped) -> str:
     lines += ["", "One row per run (input); runs are never merged. Eval columns: the last eval record of "
               "each run. Conflicting pairs: mean over the steps where they were measured. "
               "Plots: " + (", ".join(f"[{p.name}]({p.name})" for p in plots) or "none (no plottable data)")]
+    diverged = [r for r in rows if r["non_finite"]]
+    if diverged:
+        lines.append("")
+        lines.append("Warning: non-finite values (NaN or infinite; the run diverged), shown as nan/inf above: " +
+                     "; ".join(f"{r['run']}: " + ", ".join(f"{k} from step {s} ({n} records)"
+                                                          for k, (s, n) in r["non_finite"].items())
+                               for r in diverged))
     repeated = {r["run"]: r["repeated_steps"] for r in rows if r["repeated_steps"]}
     if repeated:
         lines.append("")
@@ -364,6 +427,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for row in result["rows"]:
+        if row["non_finite"]:
+            print(f"warning: {row['path']}: the run diverged: " + ", ".join(
+                f"{k} is not finite from step {s} ({n} records)" for k, (s, n) in row["non_finite"].items()),
+                file=sys.stderr)
         if row["repeated_steps"]:
             print(f"warning: {row['path']} logs {row['repeated_steps']} step(s) more than once: two runs "
                   f"written into one log? (they are shown as one run)", file=sys.stderr)

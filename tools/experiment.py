@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
-from ds_partitionsel.records import read_metrics  # noqa: E402
+from ds_partitionsel.records import dumps, loads, read_metrics  # noqa: E402
 
 METHODS = ("partitionsel", "random", "greats", "greats_domain", "iwd", "gradmatch")
 
@@ -189,9 +189,9 @@ def run_all(args) -> list:
             tqdm.write(str(e), file=sys.stderr)
             failures.append(str(run_dir))
             continue
-        data = json.loads(summary.read_text())
+        data = loads(summary.read_text())
         data.update(fraction=fraction, seed=seed, wall_s=round(seconds, 1))
-        summary.write_text(json.dumps(data, indent=2))
+        summary.write_text(dumps(data, indent=2))  # strict JSON: a NaN loss as "NaN"
         keep_logs(run_dir, REPO / args.results / "runs" / where / f"seed{seed}")
     return failures
 
@@ -202,9 +202,11 @@ def keep_logs(run_dir: Path, dest: Path) -> None:
     shutil.copy(run_dir / "summary.json", dest / "summary.json")
     with open(run_dir / "metrics.jsonl") as src, open(dest / "metrics.jsonl", "w") as dst:
         for line in src:
-            rec = json.loads(line)
+            if not line.endswith("\n"):
+                break  # a torn last line (the run stopped while writing it)
+            rec = loads(line)
             rec.pop("selected", None)
-            dst.write(json.dumps(rec) + "\n")
+            dst.write(dumps(rec) + "\n")
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -229,6 +231,9 @@ def run_stats(records: list) -> dict:
     total = sum(mix.values()) or 1
     # step 0 pays one-off warm-up (allocator, first collectives): time from step 1 on
     timed = [r for r in steps if r["step"] > 0] or steps
+    # a diverged run: the first step whose training or held-out loss is NaN or infinite
+    bad = [r["step"] for r in steps if not np.isfinite(r["train_loss"])] + \
+        [r["step"] for r in evals if not all(np.isfinite(v) for v in r["eval_loss"].values())]
     times = {k: float(np.mean([r["time_s"][k] for r in timed])) for k in timed[0]["time_s"]} if timed else {}
     return {
         "eval_step": last_eval["step"] if last_eval else None,
@@ -236,6 +241,7 @@ def run_stats(records: list) -> dict:
         "conflicting_pairs": float(np.mean(pairs)) if pairs else None,
         "mix": {d: c / total for d, c in sorted(mix.items())},
         "time_s": times,
+        "non_finite_step": min(bad) if bad else None,
     }
 
 
@@ -298,6 +304,8 @@ def aggregate(found: dict, untrained: dict) -> dict:
             row["delta_vs_untrained"] = mean_std([
                 per_seed[s]["eval_loss"]["mean"] - untrained[s]["mean"] for s in seeds
                 if s in untrained and "mean" in per_seed[s]["eval_loss"]])
+            row["diverged"] = {s: per_seed[s]["non_finite_step"] for s in seeds
+                               if per_seed[s]["non_finite_step"] is not None}
             row["partitionsel_better"] = sum(
                 1 for s in seeds if s in ours and per_seed[s]["eval_loss"].get("mean") is not None
                 and ours[s]["eval_loss"].get("mean") is not None
@@ -338,7 +346,10 @@ def table_markdown(table: dict) -> str:
         for method, row in rows.items():
             mix = "/".join(f"{row['mix'][d]:.0%}" for d in domains)
             is_ref = method == "partitionsel"
-            cells = [f"**{method}**" if is_ref else method] + \
+            name = f"**{method}**" if is_ref else method
+            if row.get("diverged"):  # NaN means stay in the cells (shown as nan), and the row says why
+                name += " (diverged: " + ", ".join(f"seed {s} from step {t}" for s, t in row["diverged"].items()) + ")"
+            cells = [name] + \
                 [_ms(row["eval_loss"][d]) for d in domains] + [_ms(row["eval_loss"]["mean"])] + \
                 [_ms(row.get("delta_vs_untrained"), "+.3f")] + \
                 ["–" if is_ref else _ms(row["delta_vs_partitionsel"], "+.3f"),
@@ -433,7 +444,7 @@ def report(results: Path) -> dict:
         raise SystemExit(f"no run logs under {results / 'runs'}: run the experiment first")
     untrained = load_untrained(results)
     table = aggregate(found, untrained)
-    (results / "table.json").write_text(json.dumps(table, indent=2))
+    (results / "table.json").write_text(dumps(table, indent=2))
     md = table_markdown(table)
     (results / "table.md").write_text(md)
     for tag, methods in found.items():
@@ -445,7 +456,7 @@ def report(results: Path) -> dict:
             logs = {s: ([{"step": 0, "eval_loss": untrained[s]}] if s in untrained else []) + recs
                     for s, recs in per_seed.items()}
             path = mean_dir / f"{method}.jsonl"
-            path.write_text("".join(json.dumps(dict(r, method=method)) + "\n" for r in seed_mean_records(logs)))
+            path.write_text("".join(dumps(dict(r, method=method)) + "\n" for r in seed_mean_records(logs)))
             paths.append(path)
         analyze_run.analyze(paths, results / tag)
         plot_eval_change(methods, untrained, results / tag / "eval_change.png")
