@@ -235,7 +235,7 @@ class PartitionSelConfig(_Block):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     mode: Literal[SELECTION_MODES] = "auto"
     rule: Literal[RULES] = "sample"
-    temperature: float = Field(1.0, json_schema_extra=_expects(
+    temperature: float = Field(3.0, json_schema_extra=_expects(
         "a finite number > 0 (rule 'sample': Gumbel noise against residuals scaled by their "
         "spread; larger is closer to uniform sampling within the budgets)"))
     nonneg: bool = True

@@ -61,7 +61,7 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "proportional_budgets": {"budget": {"strategy": "proportional"}},
     "greedy_rule": {"rule": "greedy"},
     "temperature_0.3": {"temperature": 0.3},
-    "temperature_3": {"temperature": 3.0},
+    "temperature_1": {"temperature": 1.0},
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
     "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
