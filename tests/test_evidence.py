@@ -1,5 +1,6 @@
 """tools/evidence.py: the experiment behind docs/RESULTS.md, end to end at toy size, and its statistics."""
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -111,12 +112,13 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
             "partitionsel", "--factors", "2", "--jobs", "1", "--vocab", "300", "--hidden", "16", "--layers", "1",
             "--heads", "2", "--batch", "4", "--steps", "3", "--eval-interval", "1", "--eval-per-domain", "4",
             "--anchors", "4", "--measure-interval", "1", "--cache", str(cache), "--out", str(tmp_path / "runs"),
-            "--results", str(results)]
+            "--results", str(results), "--ablations", "old_default", "greedy_rule"]
     assert evidence.main(argv) == 0
     kept = results / "evidence"
     runs = [json.loads(line) for line in (kept / "runs.jsonl").read_text().splitlines()]
-    # random: one run per seed serves both settings; the others one per setting; 4 ablations per seed
-    assert len(runs) == 2 + 2 * 2 * 2 + 4 * 2
+    # random: one run per seed serves both settings; the others one per setting; 2 ablations per
+    # setting and seed
+    assert len(runs) == 2 + 2 * 2 * 2 + 2 * 2 * 2
     for run in runs:
         assert [e["step"] for e in run["evals"]] == [0, 1, 2, 3]
         assert sum(run["selected_mix"].values()) == pytest.approx(1.0, abs=1e-4)  # kept to 5 decimals
@@ -126,7 +128,10 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
                for r in random_runs)
     tables = json.loads((kept / "tables.json").read_text())
     assert {"pretrain_matched_x2", "pretrain_target_x2", "ablations"} <= set(tables)
-    assert set(tables["ablations"]) == set(evidence.ABLATIONS)
+    assert set(tables["ablations"]) == {f"{v} @ {s}" for v in ("old_default", "greedy_rule")
+                                        for s in ("matched", "target")}
+    old = tables["ablations"]["old_default @ target"]
+    assert old["vs_ref"]["n"] == 2 and old["vs_random"]["n"] == 2
     # the paired difference in the table is the mean of the per-seed differences of the final losses
     rows = tables["pretrain_target_x2"]["rows"]
     by = {(r["method"], r["seed"]): r for r in runs if r["variant"] == "default" and r["setting"] in ("target", "any")}
@@ -154,3 +159,47 @@ def test_bad_corpus_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         evidence.prepare_pretrain(args)
     assert not (tmp_path / "cache" / "evidence" / "missing").exists()
+
+
+def _corpus(path: Path, seed: int) -> Path:
+    """A small raw-text corpus with a 4% minority domain (text of the repo's own files)."""
+    import random
+
+    rng = random.Random(seed)
+    sources = {"python": sorted(REPO.glob("ds_partitionsel/*.py")), "docs": sorted(REPO.glob("docs/*.md")),
+               "shell": sorted(REPO.glob("launch/*.sh")) + sorted(REPO.glob("tools/*.sh"))}
+    lines = []
+    for domain, files in sources.items():
+        text = "".join(f.read_text() for f in files)
+        size = 600 if domain != "shell" else 200
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        rng.shuffle(pieces)
+        keep = {"python": 60, "docs": 40, "shell": 5}[domain]
+        lines += [json.dumps({"text": p, "domain": domain}) for p in pieces[:keep]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_several_corpora_in_one_command_with_a_summary_table(tmp_path):
+    corpora = [_corpus(tmp_path / "alpha.jsonl", 0), _corpus(tmp_path / "beta.jsonl", 1)]
+    results = tmp_path / "results"
+    argv = ["--phase", "pretrain", "--seeds", "1", "2", "--methods", "random", "gradmatch", "partitionsel",
+            "--factors", "2", "--jobs", "1", "--vocab", "300", "--hidden", "16", "--layers", "1", "--heads", "2",
+            "--batch", "4", "--steps", "2", "--eval-interval", "1", "--eval-per-domain", "4", "--anchors", "4",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--results", str(results),
+            "--corpora", *map(str, corpora)]
+    assert evidence.main(argv) == 0
+    root = results / "evidence"
+    for name in ("alpha", "beta"):
+        runs = [json.loads(line) for line in (root / name / "runs.jsonl").read_text().splitlines()]
+        settings = {r["setting"] for r in runs}
+        # auto targets: the minority (shell) and the domain nearest a 30% share
+        assert settings == {"any", "matched", "target:shell", "target:docs"}, settings
+        assert len(runs) == 2 * (1 + 2 * 3)
+    summary = json.loads((root / "summary.json").read_text())
+    assert {k.split()[0] for k in summary} == {"alpha", "beta"}
+    cell = summary["alpha target:shell"]["vs"]["random"]
+    tables = json.loads((root / "alpha" / "tables.json").read_text())
+    row = tables["pretrain_target:shell_x2"]["rows"]["random"]["vs_ref"]
+    assert cell["mean"] == pytest.approx(-row["mean"])  # PartitionSel minus random
+    assert "| alpha | target:shell |" in (root / "summary.md").read_text()
