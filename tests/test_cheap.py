@@ -1,0 +1,226 @@
+"""Cheap selection: amortized pools (steps_per_pool), short scoring windows (sketch.score_len),
+forward-only LM-head features (sketch.mode head / head_kron) and proxies built from a config,
+each against an independent computation."""
+import pytest
+import torch
+
+from distributed_utils import run_ranks
+from real_pool import build_real_pool
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return build_real_pool(tmp_path_factory.mktemp("real"))
+
+
+def _llama(vocab, hidden=32, layers=2, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                   max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _pools(real):
+    import transformers
+
+    from ds_partitionsel.data import CandidatePool
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    return tok, CandidatePool(real["pool"], "train", tokenizer=tok), CandidatePool(real["pool"], "valid")
+
+
+def _selector(real, block, batch_size=4, model=None):
+    from ds_partitionsel.config import PartitionSelConfig
+    from ds_partitionsel.selector import Selector
+
+    tok, pool, valid = _pools(real)
+    model = model if model is not None else _llama(len(tok))
+    cfg = PartitionSelConfig.from_dict(block)
+    return Selector(model, cfg, pool, valid, batch_size=batch_size, pad_token_id=tok.pad_token_id)
+
+
+BLOCK = {"pool_factor": 4, "seed": 11, "validation": {"anchors": 4},
+         "sketch": {"modules": 1, "mode": "kron", "kron_dims": 8, "micro_batch": 8}}
+
+
+def _independent_amortized(features, domains, target, counts_of, k, m, first_step, cfg, lr):
+    """m selections on the same features, each without the rows chosen before it: the
+    single-process selection of ds_partitionsel.select on explicit subsets."""
+    from ds_partitionsel import select
+    from ds_partitionsel.sampler import generator
+
+    n = features.shape[0]
+    chosen, out = [], []
+    for j in range(m):
+        left = [i for i in range(n) if i not in set(chosen)]
+        budgets = counts_of(domains[left])
+        sel = select(cfg.method, features[left], domains[left], target, budgets, lr=lr, ridge=cfg.ridge,
+                     generator=generator("select", cfg.seed, first_step + j), rule=cfg.rule, nonneg=cfg.nonneg,
+                     temperature=cfg.temperature, drop_nonfinite=True)
+        picked = [left[i] for i in sel.indices.tolist()]
+        chosen += picked
+        out.append((picked, sel.weights.double()))
+    return out
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_amortized_batches_equal_m_selections_minus_the_chosen_rows(real, m):
+    from ds_partitionsel.budgets import allocate_budgets
+
+    block = dict(BLOCK, steps_per_pool=m)
+    sel = _selector(real, block)
+    cfg = sel.cfg
+    got = [sel.select(s, lr=1e-3) for s in range(2 * m)]  # two groups
+    for g in range(2):
+        steps = got[g * m:(g + 1) * m]
+        pool_ids = steps[0].plan.pool_ids
+        assert all(torch.equal(s.plan.pool_ids, pool_ids) for s in steps)  # one pool per group
+        assert torch.equal(pool_ids, sel.sampler.pool(g))                  # a function of (seed, group)
+        # the independent computation: a fresh selector (same model and config) for the features
+        fresh = _selector(real, block, model=sel.model)
+        feats = fresh.sketch_records(fresh.pool, pool_ids.tolist())
+        target = fresh.validation_target(g * m)
+        domains = fresh.pool.domains[pool_ids]
+        n_dom = len(fresh.pool.domain_names)
+
+        def counts_of(doms):
+            c = torch.bincount(doms, minlength=n_dom)
+            return allocate_budgets(c, 4, cfg.budget.strategy, target_counts=fresh.target_counts(),
+                                    gains=[0.0] * n_dom, floor=cfg.budget.floor, lam=cfg.budget.curriculum_lambda)
+
+        want = _independent_amortized(feats, domains, target, counts_of, 4, m, g * m, cfg, 1e-3)
+        for s, (picked, weights) in zip(steps, want):
+            assert s.indices.tolist() == picked
+            torch.testing.assert_close(s.weights.double(), weights, rtol=1e-6, atol=1e-9)
+        all_picked = sum((s.indices.tolist() for s in steps), [])
+        assert len(set(all_picked)) == m * 4  # disjoint batches
+    # the scoring pass is paid once per group: later steps of a group neither sketch nor solve
+    assert all(s.timings.sketch > 0 for s in got[::m])
+    assert all(s.timings.sketch == 0 and s.bytes_sent == 0 for j, s in enumerate(got) if j % m)
+
+
+def _train_on(model, pool, records, pad):
+    """A real SGD step of the scorer on its batch, so that the state moves between steps."""
+    from ds_partitionsel.loss import per_sequence_loss
+
+    batch = pool.collate(list(records), pad)
+    per_seq, _ = per_sequence_loss(model, batch, torch.device("cpu"))
+    model.zero_grad()
+    per_seq.mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    model.zero_grad()
+
+
+def _run(real, block, steps, stop=None):
+    """``steps`` selections that each train the scored model; with ``stop``: after ``stop`` steps,
+    the state goes through state_dict into a new selector (and a copy of the model), as a resume."""
+    tok, _, _ = _pools(real)
+    sel = _selector(real, block)
+    out = []
+    for s in range(steps):
+        if s == stop:
+            state = sel.state_dict()
+            model = _llama(len(tok), seed=5)
+            model.load_state_dict(sel.model.state_dict())
+            sel = _selector(real, block, model=model)
+            sel.load_state_dict(state)
+        chosen = sel.select(s, lr=1e-3)
+        out.append(chosen.record_ids.tolist())
+        _train_on(sel.model, sel.pool, chosen.record_ids.tolist(), sel.pad_token_id)
+    return out, sel
+
+
+def test_resume_in_the_middle_of_a_group_selects_what_a_straight_run_selects(real):
+    block = dict(BLOCK, steps_per_pool=3, validation={"anchors": 4, "ema": 0.5})
+    straight, _ = _run(real, block, 6)
+    for stop in (1, 2, 4):
+        resumed, sel = _run(real, block, 6, stop=stop)
+        assert resumed == straight, stop
+    # at a group boundary nothing is carried: the next group is selected from the pool
+    _, sel = _run(real, block, 3)
+    assert "group" not in sel.state_dict()
+    # a carried group of another shape is refused
+    _, mid = _run(real, block, 2)
+    state = mid.state_dict()
+    other = _selector(real, dict(block, steps_per_pool=2))
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_state_dict(state)
+
+
+def _two_rank_worker(rank, world, real, block):
+    sel = _selector(real, block)
+    got = [sel.select(s, lr=1e-3) for s in range(4)]
+    return [s.record_ids.tolist() for s in got], [list(s.my_records) for s in got]
+
+
+def test_two_ranks_select_what_one_rank_selects(real):
+    block = dict(BLOCK, steps_per_pool=2, mode="sharded", sketch=dict(BLOCK["sketch"], score_len=24))
+    (ids0, mine0), (ids1, mine1) = run_ranks(_two_rank_worker, 2, real, block, deepspeed=False)
+    (ids_one, _), = run_ranks(_two_rank_worker, 1, real, block, deepspeed=False)
+    assert ids0 == ids1 == ids_one
+    for a, b, whole in zip(mine0, mine1, ids0):  # each rank trains its half of the same batch
+        assert sorted(a + b) == sorted(whole) and len(a) == len(b) == 2
+
+
+def test_amortization_and_windows_bad_input(real):
+    from ds_partitionsel.config import ConfigError, PartitionSelConfig, check_pool_fit
+
+    with pytest.raises(ConfigError, match="cannot hold partitionsel.steps_per_pool = 3"):
+        _selector(real, dict(BLOCK, pool_size=8, steps_per_pool=3))
+    with pytest.raises(ConfigError, match="raise pool_factor to at least 5"):
+        PartitionSelConfig.from_dict({"pool_factor": 4, "steps_per_pool": 5})
+    with pytest.raises(ConfigError, match="method 'full'"):
+        PartitionSelConfig.from_dict({"method": "full", "steps_per_pool": 2})
+    with pytest.raises(ConfigError, match="steps_per_pool must be a positive integer"):
+        PartitionSelConfig.from_dict({"steps_per_pool": 0})
+    with pytest.raises(ConfigError, match="steps_per_pool must be a positive integer"):
+        PartitionSelConfig.from_dict({"steps_per_pool": 2.0})
+    with pytest.raises(ConfigError, match="score_len must be null"):
+        PartitionSelConfig.from_dict({"sketch": {"score_len": 1}})
+    with pytest.raises(ConfigError, match="cannot hold"):
+        check_pool_fit(PartitionSelConfig.from_dict({"pool_size": 8, "steps_per_pool": 3}), 4, 1, 100)
+
+
+# ----------------------------------------------------------------------------- windows
+
+def test_score_windows_are_seeded_hold_a_label_and_equal_sketching_the_cut_records(real):
+    from ds_partitionsel.sketch import label_mask
+    from ds_partitionsel.windows import crop_windows, window_starts
+
+    tok, pool, _ = _pools(real)
+    ids = list(range(12))
+    batch = pool.collate(ids, tok.pad_token_id)
+    W = 16
+    seed = BLOCK["seed"]
+    cut = crop_windows(batch, ids, W, seed=seed, key=("train", "pool", 0))
+    assert cut["input_ids"].shape == (12, W)
+    labels = label_mask(cut["attention_mask"], cut["loss_mask"])
+    assert bool(labels.any(1).all())  # every window holds a label and its predecessor
+    lengths = batch["attention_mask"].sum(1)
+    starts = window_starts(lengths, label_mask(batch["attention_mask"], batch["loss_mask"]), ids, W, seed,
+                           ("train", "pool", 0))
+    for row, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        want = batch["input_ids"][row, s:s + min(W, n)]
+        assert cut["input_ids"][row, :want.numel()].tolist() == want.tolist()
+    # a function of (seed, key, record): the same in another batch order, another with another key
+    again = crop_windows(pool.collate(ids[::-1], tok.pad_token_id), ids[::-1], W, seed, ("train", "pool", 0))
+    assert torch.equal(again["input_ids"].flip(0), cut["input_ids"])
+    other = window_starts(lengths, label_mask(batch["attention_mask"], batch["loss_mask"]), ids, W, seed,
+                          ("train", "pool", 1))
+    assert not torch.equal(other, starts)
+    with pytest.raises(ValueError, match="score_len must be >= 2"):
+        window_starts(lengths, labels, ids, 1, 3, "k")
+
+    # the selector scores exactly the windows: the sketch of the cut batch, row by row
+    sel = _selector(real, dict(BLOCK, sketch=dict(BLOCK["sketch"], score_len=W)))
+    got = sel.sketch_records(pool, ids, window=("pool", 0))
+    want = sel.sketcher.sketch(cut["input_ids"], cut["attention_mask"], cut["loss_mask"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    whole = sel.sketch_records(pool, ids)  # without a key: whole sequences
+    assert not torch.allclose(whole, got)
