@@ -224,3 +224,38 @@ def test_score_windows_are_seeded_hold_a_label_and_equal_sketching_the_cut_recor
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     whole = sel.sketch_records(pool, ids)  # without a key: whole sequences
     assert not torch.allclose(whole, got)
+
+
+def _engine_resume_worker(rank, world, real, ckpt, stop):
+    """4 steps of the DeepSpeed engine with steps_per_pool 2 (straight, or a checkpoint after
+    ``stop`` steps, in the middle of a group, and a fresh engine of another init)."""
+    from ds_partitionsel.engine import initialize
+
+    tok, _, _ = _pools(real)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 6,
+              "partitionsel": dict(BLOCK, steps_per_pool=2, mode="sharded")}
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        model = _llama(len(tok), seed=seed)
+        _, pool, valid = _pools(real)
+        return initialize(model, config, pool, valid, tokenizer=tok,
+                          optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))[0]
+
+    first = engine(0)
+    selected = [first.train_step()["selected"] for _ in range(stop or 4)]
+    if stop:
+        first.save_checkpoint(ckpt, tag="t")
+        second = engine(1)
+        second.load_checkpoint(ckpt, tag="t")
+        selected += [second.train_step()["selected"] for _ in range(4 - stop)]
+    return selected
+
+
+def test_engine_resume_in_the_middle_of_a_group(real, tmp_path):
+    straight = run_ranks(_engine_resume_worker, 2, real, None, None, deepspeed=True)
+    resumed = run_ranks(_engine_resume_worker, 2, real, str(tmp_path / "ckpt"), 1, deepspeed=True)
+    assert straight[0] == straight[1] and resumed[0] == resumed[1]
+    assert resumed[0] == straight[0]
+    assert len({i for step in straight[0][:2] for i in step}) == 8  # the group's 2 batches are disjoint
