@@ -219,10 +219,16 @@ class Selector:
         # sketches and target come from the proxy when there is one: the main model only trains
         self.proxy = build_proxy(sk, model)
         self.scorer = self.proxy.model if self.proxy is not None else model
-        self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
-                                         kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
-                                         dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
-                                         head_chunk=sk.head_chunk)
+        try:
+            self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
+                                             kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
+                                             dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
+                                             head_chunk=sk.head_chunk)
+        except ValueError as e:
+            if sk.mode not in ("head", "head_kron"):
+                raise
+            raise ConfigError(f"partitionsel.sketch.mode {sk.mode!r} (forward-only LM-head features) cannot "
+                              f"sketch this model with {type(self).__name__}: {e}") from None
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         self._target, self._target_key = None, None
         # carried across steps, so in the checkpoint (state_dict): the EMA target of
@@ -236,9 +242,9 @@ class Selector:
 
     def _sketcher_class(self):
         """What sketches ``self.scorer`` (a subclass may sketch other models, e.g. tensor-parallel ones)."""
-        from ds_partitionsel.sketch import GradientSketcher
+        from ds_partitionsel.sketch import make_sketcher
 
-        return GradientSketcher
+        return make_sketcher  # GradientSketcher, or the forward-only HeadSketcher for head modes
 
     # ------------------------------------------------------------------ the step
 

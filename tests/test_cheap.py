@@ -259,3 +259,77 @@ def test_engine_resume_in_the_middle_of_a_group(real, tmp_path):
     assert straight[0] == straight[1] and resumed[0] == resumed[1]
     assert resumed[0] == straight[0]
     assert len({i for step in straight[0][:2] for i in step}) == 8  # the group's 2 batches are disjoint
+
+
+# ----------------------------------------------------------------------------- forward-only head features
+
+def _autograd_head_grads(model, batch):
+    """Each sample's ``d L_i / d W_head`` by autograd, one sample at a time (the oracle)."""
+    from ds_partitionsel.sketch import label_mask
+
+    head = model.get_output_embeddings()
+    labels = label_mask(batch["attention_mask"], batch["loss_mask"])
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        logits = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
+                       use_cache=False).logits[0].float()
+        t = labels[i].nonzero().flatten()
+        nll = torch.nn.functional.cross_entropy(logits[t - 1], batch["input_ids"][i, t])
+        out.append(torch.autograd.grad(nll, head.weight)[0].flatten())
+    return torch.stack(out)
+
+
+def test_head_features_equal_autograds_lm_head_gradient(real):
+    from ds_partitionsel.head_features import HeadSketcher
+    from ds_partitionsel.sketch import GradientSketcher, make_sketcher
+
+    tok, pool, _ = _pools(real)
+    model = _llama(len(tok), hidden=16)
+    batch = pool.collate([0, 1, 2, 20, 30, 50, 52], tok.pad_token_id)  # several domains
+    want = _autograd_head_grads(model, batch)
+    for chunk in (len(tok), 37):  # one vocabulary chunk, and chunks that do not divide it
+        exact = HeadSketcher(model, mode="head", normalize=False, vocab_chunk=chunk)
+        got = exact.sketch(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        assert got.shape == want.shape and exact.feature_dim == len(tok) * 16
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert not any(p.grad is not None for p in model.parameters())  # a forward only: no .grad
+
+    # Kronecker-projected: P_out^T G_i P_in of autograd's gradients, with the factors that the
+    # autograd sketcher's kron mode draws for the module "lm_head" (same seed and key)
+    from ds_partitionsel.projection import gaussian_matrix
+
+    p_in = gaussian_matrix(16, 8, seed=0, key=("lm_head", "in"), std=8 ** -0.5)
+    p_out = gaussian_matrix(len(tok), 12, seed=0, key=("lm_head", "out"), std=12 ** -0.5)
+    projected = torch.stack([(p_out.T @ g.view(len(tok), 16) @ p_in).flatten() for g in want])
+    for chunk in (len(tok), 37):
+        raw = HeadSketcher(model, mode="head_kron", kron_dims=(8, 12), normalize=False, vocab_chunk=chunk).sketch(
+            batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        torch.testing.assert_close(raw, projected, rtol=1e-4, atol=1e-6)
+    unit = make_sketcher(model, mode="head_kron", kron_dims=(8, 12)).sketch(
+        batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    torch.testing.assert_close(unit, projected / projected.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-6)
+    # the factors are the autograd sketcher's kron factors of that module
+    kron = GradientSketcher(model, modules=["lm_head"], mode="kron", kron_dims=(8, 12), head_chunk=None)
+    torch.testing.assert_close(kron._factor("lm_head", "in", 16, 8, "cpu"), p_in, rtol=0, atol=0)
+
+
+def test_head_modes_in_the_selector_and_bad_heads(real):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from ds_partitionsel.config import ConfigError
+    from ds_partitionsel.head_features import HeadSketcher
+
+    block = dict(BLOCK, steps_per_pool=2, sketch={"mode": "head_kron", "kron_dims": 8, "score_len": 24})
+    sel = _selector(real, block)
+    assert isinstance(sel.sketcher, HeadSketcher)
+    first, second = sel.select(0, lr=1e-3), sel.select(1, lr=1e-3)
+    assert first.k == second.k == 4 and not set(first.indices.tolist()) & set(second.indices.tolist())
+    assert first.selected_features.shape == (4, 64)
+
+    tok, _, _ = _pools(real)
+    cfg = Gemma2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, intermediate_size=32, vocab_size=len(tok), final_logit_softcapping=30.0)
+    with pytest.raises(ConfigError, match="sketch.mode 'head_kron'.*transforms its logits"):
+        _selector(real, block, model=Gemma2ForCausalLM(cfg))
+    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+        HeadSketcher(_llama(len(tok)), vocab_chunk=0)
