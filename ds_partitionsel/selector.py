@@ -217,7 +217,7 @@ class Selector:
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         # sketches and target come from the proxy when there is one: the main model only trains
-        self.proxy = build_proxy(sk, model)
+        self.proxy = build_proxy(sk, model, seed=cfg.seed)
         self.scorer = self.proxy.model if self.proxy is not None else model
         try:
             self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
@@ -611,14 +611,25 @@ class Selector:
         return losses
 
 
-def build_proxy(sketch_cfg, main_module):
-    """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`) for a main
-    model, or None without one; a proxy that cannot serve raises :class:`ConfigError`."""
-    if sketch_cfg.proxy_model is None:
+def build_proxy(sketch_cfg, main_module, seed: int = 0):
+    """The proxy scorer (:class:`~ds_partitionsel.proxy.ProxyModel`) of ``sketch.proxy_model``
+    (a folder) or ``sketch.proxy_config`` (a new model of the main model's family, initialized
+    from ``seed``) for a main model, or None without one; a proxy that cannot serve raises
+    :class:`ConfigError`."""
+    if sketch_cfg.proxy_model is None and sketch_cfg.proxy_config is None:
         return None
-    from ds_partitionsel.proxy import ProxyModel, vocab_size
+    from ds_partitionsel.proxy import ProxyModel, proxy_from_config, vocab_size
 
     params = list(main_module.parameters())
+    if sketch_cfg.proxy_config is not None:
+        arch = sketch_cfg.proxy_config
+        try:
+            model = proxy_from_config(main_module, hidden_size=arch.hidden_size, layers=arch.layers, heads=arch.heads,
+                                      kv_heads=arch.kv_heads, intermediate_size=arch.intermediate_size, seed=seed)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"partitionsel.sketch.proxy_config: {e}") from e
+        return ProxyModel(model, train=True, lr=sketch_cfg.proxy_lr, device=params[0].device if params else None,
+                          main_vocab=vocab_size(main_module))
     try:
         return ProxyModel(sketch_cfg.proxy_model, layers=sketch_cfg.proxy_layers, train=sketch_cfg.proxy_train,
                           lr=sketch_cfg.proxy_lr, device=params[0].device if params else None,

@@ -333,3 +333,41 @@ def test_head_modes_in_the_selector_and_bad_heads(real):
         _selector(real, block, model=Gemma2ForCausalLM(cfg))
     with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
         HeadSketcher(_llama(len(tok)), vocab_chunk=0)
+
+
+# ----------------------------------------------------------------------------- proxies from a config
+
+def test_proxy_from_config_has_the_asked_shape_trains_and_resumes(real):
+    from ds_partitionsel.config import ConfigError
+    from ds_partitionsel.proxy import flops_per_token
+
+    block = dict(BLOCK, sketch={"mode": "head_kron", "kron_dims": 8, "proxy_lr": 1e-2, "proxy_train": True,
+                                "proxy_config": {"hidden_size": 16, "layers": 1, "heads": 2}})
+    tok, _, _ = _pools(real)
+    main = _llama(len(tok), hidden=32, layers=2)
+    torch.manual_seed(123)  # the global seed does not change the proxy: it is drawn from the config's seed
+    a = _selector(real, block, model=main)
+    torch.manual_seed(456)
+    b = _selector(real, block, model=main)
+    proxy = a.proxy.model
+    assert proxy.config.hidden_size == 16 and proxy.config.num_hidden_layers == 1
+    assert proxy.config.vocab_size == len(tok) and proxy.config.intermediate_size == 32
+    assert a.scorer is proxy and a.sketcher.model is proxy and a.proxy.train
+    assert torch.equal(torch.cat([p.flatten() for p in proxy.parameters()]),
+                       torch.cat([p.flatten() for p in b.proxy.model.parameters()]))
+    assert flops_per_token(main, 64) > 3 * flops_per_token(proxy, 64)
+    before = [p.detach().clone() for p in proxy.parameters()]
+    sel = a.select(0, lr=1e-3)
+    loss = a.after_step(sel)
+    assert loss is not None and loss > 0
+    assert any(not torch.equal(x, y) for x, y in zip(before, proxy.parameters()))  # trained on the batch
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(a.proxy.model.parameters(), b.proxy.model.parameters()))
+
+    with pytest.raises(ConfigError, match="proxy_config builds an untrained proxy"):
+        _selector(real, dict(block, sketch=dict(block["sketch"], proxy_train=False)))
+    with pytest.raises(ConfigError, match="proxy_config and proxy_model"):
+        _selector(real, dict(block, sketch=dict(block["sketch"], proxy_model="x")))
+    with pytest.raises(ConfigError, match="heads = 3 does not divide hidden_size = 16"):
+        _selector(real, dict(block, sketch=dict(block["sketch"], proxy_config={"hidden_size": 16, "layers": 1,
+                                                                                 "heads": 3})))
