@@ -101,16 +101,17 @@ def proxy_from_config(main: nn.Module, *, hidden_size: int, layers: int, heads: 
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token of a decoder LM: ``2 x`` the parameters of its linears (blocks and
-    head, not the embedding lookup) plus attention's ``4 x seq_len x width`` per block (scores and
-    their product with the values, causal average ``seq_len / 2`` keys counted twice over)."""
+    """Forward FLOPs per token of a decoder LM: ``2 x`` the weights of its linears (blocks and
+    head; the embedding lookup is free) plus attention's ``2 x seq_len x heads x head_dim`` per
+    block (scores and their product with the values over the causal average of ``seq_len / 2``
+    keys)."""
     inner = unwrap_model(model)
     linear = sum(m.weight.numel() for m in inner.modules() if isinstance(m, nn.Linear))
     config = getattr(inner, "config", None)
-    layers = getattr(config, "num_hidden_layers", 0)
-    width = getattr(config, "num_attention_heads", 0) * (getattr(config, "head_dim", None)
-                                                          or getattr(config, "hidden_size", 0) // max(1, getattr(config, "num_attention_heads", 1)))
-    return 2.0 * linear + 2.0 * layers * seq_len * width
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(1, heads))
+    return 2.0 * linear + 2.0 * layers * seq_len * heads * head_dim
 
 
 class ProxyModel:

@@ -371,3 +371,31 @@ def test_proxy_from_config_has_the_asked_shape_trains_and_resumes(real):
     with pytest.raises(ConfigError, match="heads = 3 does not divide hidden_size = 16"):
         _selector(real, dict(block, sketch=dict(block["sketch"], proxy_config={"hidden_size": 16, "layers": 1,
                                                                                  "heads": 3})))
+
+
+def _hf_worker(rank, world, real, out, steps, resume):
+    import transformers
+
+    from ds_partitionsel.hf import PartitionSelTrainer
+
+    tok, pool, valid = _pools(real)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+          "partitionsel": dict(BLOCK, steps_per_pool=3)}
+    args = transformers.TrainingArguments(output_dir=out, deepspeed=ds, per_device_train_batch_size=2,
+                                          max_steps=steps, learning_rate=3e-3, lr_scheduler_type="constant",
+                                          report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = PartitionSelTrainer(model=_llama(len(tok), seed=1 if resume else 0), args=args, processing_class=tok,
+                                  candidate_pool=pool, valid_pool=valid)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+
+
+def test_trainer_resume_in_the_middle_of_a_group(real, tmp_path):
+    from ds_partitionsel.records import read_metrics
+
+    run_ranks(_hf_worker, 1, real, str(tmp_path / "a"), 4, False)
+    run_ranks(_hf_worker, 1, real, str(tmp_path / "b"), 2, False)  # checkpoint-2: step 2 is mid-group
+    run_ranks(_hf_worker, 1, real, str(tmp_path / "b"), 4, True)
+    straight = [s.selected for s in read_metrics(tmp_path / "a")[0]]
+    resumed = [s.selected for s in read_metrics(tmp_path / "b")[0]]
+    assert len(straight) == 4 and resumed == straight
