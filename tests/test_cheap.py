@@ -395,6 +395,8 @@ def test_trainer_resume_in_the_middle_of_a_group(real, tmp_path):
 
     run_ranks(_hf_worker, 1, real, str(tmp_path / "a"), 4, False)
     run_ranks(_hf_worker, 1, real, str(tmp_path / "b"), 2, False)  # checkpoint-2: step 2 is mid-group
+    carried = torch.load(tmp_path / "b" / "checkpoint-2" / "partitionsel_selector.pt", weights_only=True)
+    assert carried["group"]["group"] == 0 and tuple(carried["group"]["indices"].shape) == (3, 2)
     run_ranks(_hf_worker, 1, real, str(tmp_path / "b"), 4, True)
     straight = [s.selected for s in read_metrics(tmp_path / "a")[0]]
     resumed = [s.selected for s in read_metrics(tmp_path / "b")[0]]
