@@ -5,6 +5,7 @@ Example (every key optional; defaults follow the paper)::
     "partitionsel": {
         "method": "partitionsel",          # or a baseline: random, full, gradnorm, greats, ...
         "pool_factor": 8,                  # pool = pool_factor * train_batch_size candidates
+        "steps_per_pool": 1,               # batches selected (and trained) per scoring pass of a pool
         "budget": {"strategy": "proportional"},
         "sketch": {"modules": 3, "mode": "exact", "dim": null, "micro_batch": 8},
         "validation": {"anchors": 8, "refresh_interval": 1},
