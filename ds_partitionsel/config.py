@@ -5,6 +5,7 @@ Example (every key optional; defaults follow the paper)::
     "partitionsel": {
         "method": "partitionsel",          # or a baseline: random, full, gradnorm, greats, ...
         "pool_factor": 8,                  # pool = pool_factor * train_batch_size candidates
+        "steps_per_pool": 1,               # batches selected (and trained) per scoring pass of a pool
         "budget": {"strategy": "proportional"},
         "sketch": {"modules": 3, "mode": "exact", "dim": null, "micro_batch": 8},
         "validation": {"anchors": 8, "refresh_interval": 1},
@@ -35,7 +36,7 @@ from ds_partitionsel.selection import METHODS
 from ds_partitionsel.solver import RULES
 
 SELECTION_MODES = ("auto", "replicated", "sharded")
-SKETCH_MODES = ("exact", "kron")
+SKETCH_MODES = ("exact", "kron", "head", "head_kron")
 ANCHOR_MIXES = ("pooled", "per_domain")
 MAX_SEED = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
 
@@ -124,6 +125,37 @@ class BudgetConfig(_Block):
         return self
 
 
+class ProxyArchConfig(_Block):
+    """A proxy scorer built from the main model's config with another width and depth (same
+    vocabulary, so the same tokenizer), initialized from the seed and trained from scratch
+    alongside the main model (:func:`ds_partitionsel.proxy.proxy_from_config`)."""
+
+    hidden_size: int = Field(..., json_schema_extra=_expects("a positive integer (the proxy's model width)"))
+    layers: int = Field(..., json_schema_extra=_expects("a positive integer (the proxy's transformer blocks)"))
+    heads: int = Field(..., json_schema_extra=_expects("a positive integer dividing hidden_size (attention heads)"))
+    kv_heads: Optional[int] = Field(None, json_schema_extra=_expects(
+        "null (= heads) or a positive integer dividing heads (key/value heads)"))
+    intermediate_size: Optional[int] = Field(None, json_schema_extra=_expects(
+        "null (the main model's ratio to its width) or a positive integer (MLP width)"))
+
+    @field_validator("hidden_size", "layers", "heads", "kv_heads", "intermediate_size")
+    @classmethod
+    def _positive(cls, v):
+        return _positive(v)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise PydanticCustomError(
+                "partitionsel_rule", f"partitionsel.sketch.proxy_config.heads = {self.heads} does not divide "
+                                f"hidden_size = {self.hidden_size}; pick heads so that hidden_size / heads is an integer")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise PydanticCustomError(
+                "partitionsel_rule", f"partitionsel.sketch.proxy_config.kv_heads = {self.kv_heads} does not divide "
+                                f"heads = {self.heads}")
+        return self
+
+
 class SketchConfig(_Block):
     """Which linears are sketched and how (see :class:`ds_partitionsel.sketch.GradientSketcher`)."""
 
@@ -146,6 +178,10 @@ class SketchConfig(_Block):
         "null (all) or a positive integer (blocks of the proxy model kept)"))
     proxy_train: bool = False
     proxy_lr: float = Field(1e-4, json_schema_extra=_expects("a finite number > 0 (the proxy's learning rate)"))
+    proxy_config: Optional[ProxyArchConfig] = None
+    score_len: Optional[int] = Field(None, json_schema_extra=_expects(
+        "null (score whole sequences) or an integer >= 2 (tokens of the seeded window of each "
+        "candidate and anchor that is scored)"))
 
     @field_validator("modules")
     @classmethod
@@ -167,6 +203,13 @@ class SketchConfig(_Block):
     def _positive(cls, v):
         return _positive(v)
 
+    @field_validator("score_len")
+    @classmethod
+    def _score_len(cls, v):
+        if v is not None and v < 2:  # a window needs a predictor and a label
+            raise PydanticCustomError("partitionsel", "bad score_len")
+        return v
+
     @field_validator("head_chunk")
     @classmethod
     def _head_chunk(cls, v):
@@ -187,10 +230,22 @@ class SketchConfig(_Block):
     @model_validator(mode="after")
     def _proxy_needs_model(self):
         # proxy_layers / proxy_train without a proxy would be ignored without a word
-        if self.proxy_model is None and (self.proxy_train or self.proxy_layers is not None):
+        if self.proxy_config is not None and self.proxy_layers is not None:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.proxy_layers truncates a loaded proxy_model; with "
+                                "proxy_config set the depth there (proxy_config.layers)")
+        if self.proxy_model is None and self.proxy_config is None and (self.proxy_train or self.proxy_layers is not None):
             raise PydanticCustomError(
                 "partitionsel_rule", "partitionsel.sketch.proxy_train / proxy_layers need "
                                 "partitionsel.sketch.proxy_model, the path of the proxy's model folder")
+        if self.proxy_config is not None and self.proxy_model is not None:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.proxy_config and proxy_model are two ways to get a "
+                                "proxy: give one (a config builds a new proxy, a folder loads one)")
+        if self.proxy_config is not None and not self.proxy_train:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.proxy_config builds an untrained proxy: set "
+                                "partitionsel.sketch.proxy_train to true (it trains on the selected batches)")
         return self
 
 
@@ -233,6 +288,9 @@ class PartitionSelConfig(_Block):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sketch: SketchConfig = Field(default_factory=SketchConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    steps_per_pool: int = Field(1, json_schema_extra=_expects(
+        "a positive integer m: one scoring pass over a pool selects m disjoint batches, trained "
+        "over m steps (pool_size must hold m batches)"))
     mode: Literal[SELECTION_MODES] = "auto"
     rule: Literal[RULES] = "sample"
     temperature: float = Field(3.0, json_schema_extra=_expects(
@@ -251,10 +309,23 @@ class PartitionSelConfig(_Block):
         "a finite number of seconds > 0 (how long any collective of training or selection waits "
         "for the other ranks)"))
 
-    @field_validator("pool_factor", "pool_size", "log_interval")
+    @field_validator("pool_factor", "pool_size", "log_interval", "steps_per_pool")
     @classmethod
     def _positive(cls, v):
         return _positive(v)
+
+    @model_validator(mode="after")
+    def _amortize(self):
+        if self.steps_per_pool > 1 and self.method == "full":
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.steps_per_pool > 1 needs a pool larger than the batch; "
+                                "method 'full' trains on the whole pool: set steps_per_pool to 1")
+        if self.steps_per_pool > 1 and self.pool_size is None and self.pool_factor < self.steps_per_pool:
+            raise PydanticCustomError(
+                "partitionsel_rule", f"partitionsel.steps_per_pool = {self.steps_per_pool} disjoint batches do "
+                                f"not fit in a pool of pool_factor = {self.pool_factor} batches; raise "
+                                f"pool_factor to at least {self.steps_per_pool} or lower steps_per_pool")
+        return self
 
     @field_validator("eval_interval", "eval_samples")
     @classmethod
@@ -316,6 +387,14 @@ def _positive(v):
 # ----------------------------------------------------------------------------- messages
 
 
+def _sub_block(annotation) -> Optional[type]:
+    """The block class of a field (``X`` or ``Optional[X]`` for a block ``X``), else None."""
+    if get_origin(annotation) is Union:
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, _Block) else None
+
+
 def _field_of(loc: tuple) -> Tuple[type, List[str]]:
     """Walk ``loc`` through the nested blocks: (the block holding the last field, its key path).
 
@@ -327,15 +406,14 @@ def _field_of(loc: tuple) -> Tuple[type, List[str]]:
             break
         path.append(part)
         holder = block
-        sub = block.model_fields[part].annotation
-        block = sub if isinstance(sub, type) and issubclass(sub, _Block) else None
+        block = _sub_block(block.model_fields[part].annotation)
     return holder, path
 
 
 def _block_at(path) -> type:
     block = PartitionSelConfig
     for part in path:
-        block = block.model_fields[part].annotation
+        block = _sub_block(block.model_fields[part].annotation)
     return block
 
 
@@ -380,8 +458,7 @@ def _message(error: ValidationError, block: dict) -> str:
             else:
                 key = ".".join(["partitionsel", *path])
                 value = _lookup(block, path)
-                sub = model.model_fields[path[-1]].annotation
-                if isinstance(sub, type) and issubclass(sub, _Block):
+                if _sub_block(model.model_fields[path[-1]].annotation) is not None:
                     line = f"{key} must be a JSON object, got {type(value).__name__} {value!r}"
                 elif get_origin(model.model_fields[path[-1]].annotation) is Literal:
                     line = f"{key} = {value!r} is not valid; choose {_expectation(model, path[-1])}"
@@ -404,9 +481,9 @@ def _leaf_annotation(path: List[str]):
         annotation = model.model_fields[key].annotation
         if i == len(path) - 1:
             return annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, _Block)):
+        if _sub_block(annotation) is None:
             return None
-        model = annotation
+        model = _sub_block(annotation)
     return None
 
 
@@ -514,6 +591,10 @@ def check_pool_fit(cfg: PartitionSelConfig, batch_size: int, world: int, num_rec
     """The per-step pool size for a batch of ``batch_size`` over ``world`` ranks; ConfigError if
     it cannot work (smaller than the batch, uneven over ranks, larger than the training split)."""
     pool_size = batch_size if cfg.method == "full" else (cfg.pool_size or cfg.pool_factor * batch_size)
+    if pool_size < cfg.steps_per_pool * batch_size:
+        raise ConfigError(f"pool of {pool_size} candidates cannot hold partitionsel.steps_per_pool = "
+                          f"{cfg.steps_per_pool} disjoint batches of {batch_size}; raise pool_size / pool_factor "
+                          f"or lower steps_per_pool")
     if batch_size % world:
         raise ConfigError(f"the batch of {batch_size} does not split evenly over {world} ranks")
     if pool_size < batch_size:

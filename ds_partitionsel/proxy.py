@@ -24,7 +24,7 @@ from torch import nn
 
 from ds_partitionsel.sketch import transformer_blocks, unwrap_model
 
-__all__ = ["ProxyModel", "truncate_blocks", "vocab_size"]
+__all__ = ["ProxyModel", "proxy_from_config", "truncate_blocks", "vocab_size", "flops_per_token"]
 
 
 def vocab_size(model: nn.Module) -> Optional[int]:
@@ -54,6 +54,64 @@ def truncate_blocks(model: nn.Module, layers: int) -> nn.Module:
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[:layers]
     return model
+
+
+def proxy_from_config(main: nn.Module, *, hidden_size: int, layers: int, heads: int,
+                      kv_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
+                      seed: int = 0) -> nn.Module:
+    """A new, randomly initialized causal LM of the main model's family and vocabulary (so its
+    tokenizer) with another width and depth: the "reference model" trained from scratch
+    alongside the main model.
+
+    The main model's Hugging Face config is copied with ``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``num_key_value_heads`` (``kv_heads``, default ``heads``),
+    ``head_dim`` (``hidden_size / heads``) and ``intermediate_size`` (default: the main model's
+    ratio to its width) replaced. The weights are drawn from ``seed`` (the same on every rank),
+    whatever the global torch seed.
+    """
+    import copy
+
+    from ds_partitionsel.sampler import derived_seed
+
+    inner = unwrap_model(main)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(config, "hidden_size") or not hasattr(config, "num_hidden_layers"):
+        raise ValueError(f"proxy_config needs a Hugging Face main model (a config with hidden_size and "
+                         f"num_hidden_layers); {type(inner).__name__} has none: load a proxy with proxy_model")
+    if hidden_size % heads or (kv_heads is not None and heads % kv_heads):
+        raise ValueError(f"proxy heads {heads} must divide hidden_size {hidden_size} and kv_heads "
+                         f"{kv_heads} must divide heads")
+    new = copy.deepcopy(config)
+    new.hidden_size, new.num_hidden_layers, new.num_attention_heads = hidden_size, layers, heads
+    if hasattr(new, "num_key_value_heads"):
+        new.num_key_value_heads = kv_heads or heads
+    if getattr(new, "head_dim", None) is not None:
+        new.head_dim = hidden_size // heads
+    if hasattr(new, "intermediate_size"):
+        ratio = config.intermediate_size / config.hidden_size
+        new.intermediate_size = intermediate_size or max(1, int(round(ratio * hidden_size)))
+    if isinstance(getattr(new, "layer_types", None), list):
+        new.layer_types = (list(config.layer_types) * layers)[:layers]
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed("proxy_init", seed))
+        return AutoModelForCausalLM.from_config(new, dtype=torch.float32)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of a decoder LM: ``2 x`` the weights of its linears (blocks and
+    head; the embedding lookup is free) plus attention's ``2 x seq_len x heads x head_dim`` per
+    block (scores and their product with the values over the causal average of ``seq_len / 2``
+    keys)."""
+    inner = unwrap_model(model)
+    linear = sum(m.weight.numel() for m in inner.modules() if isinstance(m, nn.Linear))
+    config = getattr(inner, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(1, heads))
+    return 2.0 * linear + 2.0 * layers * seq_len * heads * head_dim
 
 
 class ProxyModel:

@@ -36,6 +36,7 @@ from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.metrics import conflicting_pairs
 from ds_partitionsel.sampler import (PoolSampler, as_int, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
+from ds_partitionsel.windows import crop_windows
 
 logger = logging.getLogger("ds_partitionsel")
 
@@ -204,6 +205,10 @@ class Selector:
         if self.pool_size < self.batch_size:
             raise ConfigError(f"pool of {self.pool_size} candidates is smaller than the batch of "
                               f"{self.batch_size}; raise partitionsel.pool_size / pool_factor")
+        if self.pool_size < cfg.steps_per_pool * self.batch_size:
+            raise ConfigError(f"pool of {self.pool_size} candidates cannot hold partitionsel.steps_per_pool = "
+                              f"{cfg.steps_per_pool} disjoint batches of {self.batch_size}; raise "
+                              f"partitionsel.pool_size / pool_factor or lower steps_per_pool")
         if self.pool_size % self.world:
             raise ConfigError(f"pool size {self.pool_size} must divide evenly over {self.world} ranks "
                               f"(every rank sketches the same number of candidates in lockstep)")
@@ -212,12 +217,18 @@ class Selector:
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         # sketches and target come from the proxy when there is one: the main model only trains
-        self.proxy = build_proxy(sk, model)
+        self.proxy = build_proxy(sk, model, seed=cfg.seed)
         self.scorer = self.proxy.model if self.proxy is not None else model
-        self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
-                                         kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
-                                         dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
-                                         head_chunk=sk.head_chunk)
+        try:
+            self.sketcher = self._sketcher_class()(self.scorer, modules=sk.modules, mode=sk.mode,
+                                             kron_dims=tuple(sk.kron_dims) if isinstance(sk.kron_dims, list) else sk.kron_dims,
+                                             dim=sk.dim, seed=cfg.seed, normalize=sk.normalize,
+                                             head_chunk=sk.head_chunk)
+        except ValueError as e:
+            if sk.mode not in ("head", "head_kron"):
+                raise
+            raise ConfigError(f"partitionsel.sketch.mode {sk.mode!r} (forward-only LM-head features) cannot "
+                              f"sketch this model with {type(self).__name__}: {e}") from None
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         self._target, self._target_key = None, None
         # carried across steps, so in the checkpoint (state_dict): the EMA target of
@@ -225,12 +236,15 @@ class Selector:
         self._ema = None
         self._gains = [0.0] * len(pool.domain_names)
         self._alignment = None
+        # the current group of steps_per_pool steps: its batches (state_dict carries them, so a
+        # resume in the middle of a group trains what a straight run trains)
+        self._group, self._group_rows, self._group_timings, self._group_bytes = None, None, None, 0
 
     def _sketcher_class(self):
         """What sketches ``self.scorer`` (a subclass may sketch other models, e.g. tensor-parallel ones)."""
-        from ds_partitionsel.sketch import GradientSketcher
+        from ds_partitionsel.sketch import make_sketcher
 
-        return GradientSketcher
+        return make_sketcher  # GradientSketcher, or the forward-only HeadSketcher for head modes
 
     # ------------------------------------------------------------------ the step
 
@@ -240,17 +254,29 @@ class Selector:
         return Communicator(self.group, self.cfg.timeout_s, f"{phase} step {step}")
 
     def plan(self, step: int) -> StepPlan:
-        """The step's pool, this rank's shard and the budgets: no model, no communication."""
-        pool_ids = self.sampler.pool(step)
+        """The step's pool, this rank's shard and the budgets: no model, no communication.
+
+        With ``steps_per_pool = m`` the steps ``g m .. g m + m - 1`` share the pool of group
+        ``g = step // m`` (a function of (seed, g)); the budgets here are those of the group's
+        first batch, drawn from the whole pool (a later batch's budgets follow the candidates
+        left, see :meth:`select`)."""
+        step = as_int(step, "step")
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (steps count from 0), got {step}")
+        pool_ids = self.sampler.pool(step // self.cfg.steps_per_pool)
+        counts = torch.bincount(self.pool.domains[pool_ids], minlength=len(self.pool.domain_names))
+        return StepPlan(step=step, pool_ids=pool_ids, bounds=tuple(shard_bounds(self.pool_size, self.world)),
+                        budgets=self._budgets(counts), rank=self.rank, world=self.world,
+                        batch_size=self.batch_size)
+
+    def _budgets(self, counts: torch.Tensor) -> torch.Tensor:
+        """(D,) budgets of one batch of ``batch_size`` from candidates with per-domain ``counts``."""
         b = self.cfg.budget
         names = self.pool.domain_names
-        counts = torch.bincount(self.pool.domains[pool_ids], minlength=len(names))
         minority = [names.index(d) for d in b.minority_domains] if b.minority_domains else None
-        budgets = allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
-                                   minority_domains=minority, target_counts=self.target_counts(),
-                                   gains=self._gains, floor=b.floor, lam=b.curriculum_lambda)
-        return StepPlan(step=step, pool_ids=pool_ids, bounds=tuple(shard_bounds(self.pool_size, self.world)),
-                        budgets=budgets, rank=self.rank, world=self.world, batch_size=self.batch_size)
+        return allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
+                                minority_domains=minority, target_counts=self.target_counts(),
+                                gains=self._gains, floor=b.floor, lam=b.curriculum_lambda)
 
     def target_counts(self) -> List[int]:
         """The validation anchors' expected count of each pool domain (the ``validation``
@@ -268,50 +294,128 @@ class Selector:
         lr : the learning rate the step will train with (the utility's eta).
         with_features : also all-reduce the selected rows' sketches (for metrics such as
             conflicting pairs); one (k, p) float64 all-reduce.
+
+        With ``steps_per_pool = m > 1`` the first call of a group of ``m`` steps scores the
+        group's pool once and selects its ``m`` disjoint batches (:meth:`_select_group`); the
+        other steps of the group return their stored batch (no sketch, no collective). A step
+        of a group that is not stored (a resume from a checkpoint without it, a jump) selects
+        the group anew.
+        """
+        m = self.cfg.steps_per_pool
+        plan = self.plan(step)  # checks the step
+        group, j = divmod(plan.step, m)
+        start = time.perf_counter()
+        if self._group is None or self._group["group"] != group:
+            self._group = self._select_group(plan, lr, with_features)
+            self._group_rows = self._group.pop("rows")
+            self._group_timings = self._group.pop("timings")
+        timings = self._group_timings if j == 0 else StepTimings(total=time.perf_counter() - start)
+        self.global_step = plan.step + 1
+        return self._step_selection(plan, j, timings, with_features)
+
+    def _step_selection(self, plan: StepPlan, j: int, timings: StepTimings, with_features: bool) -> StepSelection:
+        """Batch ``j`` of the stored group as this rank's :class:`StepSelection`."""
+        g = self._group
+        k = self.batch_size
+        indices = g["indices"][j]
+        budgets = g["budgets"][j]
+        plan = StepPlan(step=plan.step, pool_ids=plan.pool_ids, bounds=plan.bounds, budgets=budgets.clone(),
+                        rank=plan.rank, world=plan.world, batch_size=plan.batch_size)
+        picked = indices.tolist()
+        mine = assign_owner_first(picked, list(plan.bounds), plan.share)[self.rank]
+        weight_of = dict(zip(picked, g["weights"][j].tolist()))
+        rows = self._group_rows
+        selected_features = rows[j * k:(j + 1) * k] if with_features and rows is not None else None
+        first = j == 0
+        return StepSelection(
+            plan=plan, method=self.cfg.method, indices=indices.clone(), weights=g["weights"][j].clone(),
+            record_ids=plan.pool_ids[indices],
+            my_records=tuple(int(plan.pool_ids[i]) for i in mine),
+            my_weights=tuple(float(weight_of[i]) for i in mine),
+            domain_counts=dict(zip(self.pool.domain_names, g["counts"][j].tolist())),
+            utility=float(g["utility"][j]), dropped=int(g["dropped"]) if first else 0,
+            mode=str(g["mode"]), bytes_sent=int(self._group_bytes) if first else 0, timings=timings,
+            selected_features=selected_features)
+
+    def _select_group(self, plan: StepPlan, lr: float, with_features: bool) -> dict:
+        """Score the pool of ``plan``'s group once and select its ``m`` disjoint batches.
+
+        Batch ``j`` (step ``g m + j``) is the selection of step ``g m + j`` (its own seeded
+        generator) over the pool without the rows of batches ``0 .. j-1``, under the budgets of
+        the candidates left, with the same features and target: ``m`` selections on the same
+        features minus the chosen rows. ``m = 1`` is the plain step.
+
+        Returns the rank-independent record of the group (what :meth:`state_dict` carries) plus
+        this rank's ``rows`` (the selected rows' features, (m k, p), or None) and ``timings``.
         """
         from ds_partitionsel import distributed
 
         cfg = self.cfg
-        plan = self.plan(step)
+        m, k = cfg.steps_per_pool, self.batch_size
+        group = plan.step // m
+        first_step = group * m
         lo, hi = plan.shard
         start = time.perf_counter()
-        t_sketch = t_anchor = 0.0
+        t_sketch = t_anchor = solve = comm_s = 0.0
+        local_domains = self.pool.domains[plan.local_ids]
         if cfg.method in FEATURELESS:
             features = torch.zeros(hi - lo, 1)  # no gradients needed
             target = torch.zeros(1)
         else:
-            features = self.sketch_records(self.pool, plan.local_ids.tolist())
+            features = self.sketch_records(self.pool, plan.local_ids.tolist(), window=("pool", group))
             t_sketch = time.perf_counter() - start
             t1 = time.perf_counter()
-            target = self.validation_target(step)
+            target = self.validation_target(first_step)
             t_anchor = time.perf_counter() - t1
-        sel = distributed.select(
-            cfg.method, features, self.pool.domains[plan.local_ids], target, plan.budgets,
-            lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
-            generator=generator("select", cfg.seed, step), rule=cfg.rule, nonneg=cfg.nonneg,
-            drop_nonfinite=True, step=step, timeout=cfg.timeout_s, temperature=cfg.temperature)
+        n_dom = len(self.pool.domain_names)
+        pool_counts = torch.bincount(self.pool.domains[plan.pool_ids], minlength=n_dom)
+        chosen: List[int] = []
+        out = {"indices": [], "weights": [], "utility": [], "counts": [], "budgets": []}
+        dropped, mode, sent = 0, "local", 0
+        for j in range(m):
+            if j == 0:
+                feats, doms, budgets, left = features, local_domains, plan.budgets, None
+            else:
+                taken = torch.zeros(self.pool_size, dtype=torch.bool)
+                taken[chosen] = True
+                keep = (~taken[lo:hi]).nonzero().flatten()
+                feats, doms = features[keep], local_domains[keep]
+                left = (~taken).nonzero().flatten()  # rank-major order of the remaining rows
+                counts = pool_counts - torch.bincount(self.pool.domains[plan.pool_ids[chosen]], minlength=n_dom)
+                budgets = self._budgets(counts)
+            step_j = first_step + j
+            sel = distributed.select(
+                cfg.method, feats, doms, target, budgets,
+                lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
+                generator=generator("select", cfg.seed, step_j), rule=cfg.rule, nonneg=cfg.nonneg,
+                drop_nonfinite=True, step=step_j, timeout=cfg.timeout_s, temperature=cfg.temperature)
+            indices = sel.indices if left is None else left[sel.indices]
+            if j == 0:
+                dropped, mode = int(sel.info.get("dropped", 0)), sel.info.get("mode", "local")
+            sent += int(sel.bytes_sent)
+            solve += sel.info.get("time_solve", 0.0)
+            comm_s += sel.info.get("time_comm", 0.0)
+            chosen += indices.tolist()
+            out["indices"].append(indices.to(torch.int64))
+            out["weights"].append(sel.weights.to(torch.float64))
+            out["utility"].append(float(sel.utility))
+            out["counts"].append(sel.domain_counts.to(torch.int64))
+            out["budgets"].append(torch.as_tensor(budgets, dtype=torch.int64))
         if cfg.budget.strategy == "curriculum" and cfg.method not in FEATURELESS:
-            self._update_gains(step, features, self.pool.domains[plan.local_ids], target)
-        dropped = int(sel.info.get("dropped", 0))
+            self._update_gains(first_step, features, local_domains, target)
         if dropped:
-            logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", step, dropped)
-        picked = sel.indices.tolist()
-        mine = assign_owner_first(picked, list(plan.bounds), plan.share)[self.rank]
-        weight_of = dict(zip(picked, sel.weights.tolist()))
-        selected_features = None
+            logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", first_step, dropped)
+        rows = None
         if with_features and cfg.method not in FEATURELESS:
-            selected_features = self._gather_rows(step, picked, features, lo, hi)
-        timings = StepTimings(sketch=t_sketch, anchors=t_anchor, solve=sel.info.get("time_solve", 0.0),
-                              comm=sel.info.get("time_comm", 0.0), total=time.perf_counter() - start)
-        self.global_step = step + 1
-        return StepSelection(
-            plan=plan, method=cfg.method, indices=sel.indices, weights=sel.weights,
-            record_ids=plan.pool_ids[sel.indices],
-            my_records=tuple(int(plan.pool_ids[i]) for i in mine),
-            my_weights=tuple(float(weight_of[i]) for i in mine),
-            domain_counts=dict(zip(self.pool.domain_names, sel.domain_counts.tolist())),
-            utility=float(sel.utility), dropped=dropped, mode=sel.info.get("mode", "local"),
-            bytes_sent=int(sel.bytes_sent), timings=timings, selected_features=selected_features)
+            rows = self._gather_rows(first_step, chosen, features, lo, hi)
+        del features
+        self._group_bytes = sent
+        timings = StepTimings(sketch=t_sketch, anchors=t_anchor, solve=solve, comm=comm_s,
+                              total=time.perf_counter() - start)
+        return {"group": group, "indices": torch.stack(out["indices"]), "weights": torch.stack(out["weights"]),
+                "utility": torch.tensor(out["utility"], dtype=torch.float64),
+                "counts": torch.stack(out["counts"]), "budgets": torch.stack(out["budgets"]),
+                "dropped": dropped, "mode": mode, "rows": rows, "timings": timings}
 
     def after_step(self, selection: StepSelection) -> Optional[float]:
         """Train the proxy on the selected batch (``sketch.proxy_train``); its loss or None.
@@ -356,6 +460,11 @@ class Selector:
         if self.cfg.budget.strategy == "curriculum":
             state["gains"] = list(self._gains)
             state["alignment"] = self._alignment
+        m = self.cfg.steps_per_pool
+        if self._group is not None and m > 1 and self.global_step < (self._group["group"] + 1) * m:
+            # mid-group: the batches still to train (rank-independent; no features)
+            state["group"] = {key: (value.clone() if isinstance(value, torch.Tensor) else value)
+                              for key, value in self._group.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -366,6 +475,14 @@ class Selector:
         if "gains" in state:
             self._gains = [float(x) for x in state["gains"]]
             self._alignment = state.get("alignment")
+        if "group" in state:
+            group = dict(state["group"])
+            m, k = self.cfg.steps_per_pool, self.batch_size
+            if tuple(group["indices"].shape) != (m, k):
+                raise ValueError(f"the checkpoint's amortized group holds {tuple(group['indices'].shape)} picks, "
+                                 f"this run selects {m} batches of {k} (steps_per_pool x batch): it was saved "
+                                 f"by another configuration")
+            self._group, self._group_rows, self._group_timings, self._group_bytes = group, None, StepTimings(), 0
         if self.proxy is not None and self.proxy.train:
             if "proxy" not in (state or {}):
                 raise ValueError("the checkpoint holds no trained proxy state, but sketch.proxy_train is on: "
@@ -374,16 +491,23 @@ class Selector:
 
     # ------------------------------------------------------------------ sketches and target
 
-    def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None) -> torch.Tensor:
+    def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None, window=None) -> torch.Tensor:
         """Features of records ``ids`` (n, p) on the host, sketched ``sketch.micro_batch`` at a time.
 
         Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
         ``lockstep_rows`` pads the work to that many rows with repeats that are discarded.
+        ``window``: the draw key of ``sketch.score_len`` windows (None: whole sequences); with
+        ``score_len`` set, each record is scored on its seeded window
+        (:mod:`ds_partitionsel.windows`).
         """
         total = max(len(ids), lockstep_rows or 0)
+        width = self.cfg.sketch.score_len
         rows = []
         for work, n_real in lockstep_chunks(ids, total, self.cfg.sketch.micro_batch, ids[0] if ids else 0):
-            rows.append(self._sketch_batch(pool.collate(work, self.pad_token_id))[:n_real])
+            batch = pool.collate(work, self.pad_token_id)
+            if width is not None and window is not None:
+                batch = crop_windows(batch, work, width, self.cfg.seed, (getattr(pool, "split", ""), *window))
+            rows.append(self._sketch_batch(batch)[:n_real])
         p = self.sketcher.feature_dim
         return torch.cat(rows) if rows else torch.zeros(0, p)
 
@@ -412,7 +536,8 @@ class Selector:
         ids, weights, divisor = self.anchor_draw(key)
         mine = list(range(self.rank, len(ids), self.world))
         per_rank = math.ceil(len(ids) / self.world)
-        feats = self.sketch_records(self.valid_pool, [ids[i] for i in mine], lockstep_rows=per_rank)
+        feats = self.sketch_records(self.valid_pool, [ids[i] for i in mine], lockstep_rows=per_rank,
+                                    window=("anchors", key))
         feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
         local = (feats * torch.tensor([weights[i] for i in mine], dtype=feats.dtype)[:, None]).sum(0) \
             if mine else torch.zeros(feats.shape[1], dtype=feats.dtype)
@@ -486,14 +611,25 @@ class Selector:
         return losses
 
 
-def build_proxy(sketch_cfg, main_module):
-    """The ``sketch.proxy_model`` scorer (:class:`~ds_partitionsel.proxy.ProxyModel`) for a main
-    model, or None without one; a proxy that cannot serve raises :class:`ConfigError`."""
-    if sketch_cfg.proxy_model is None:
+def build_proxy(sketch_cfg, main_module, seed: int = 0):
+    """The proxy scorer (:class:`~ds_partitionsel.proxy.ProxyModel`) of ``sketch.proxy_model``
+    (a folder) or ``sketch.proxy_config`` (a new model of the main model's family, initialized
+    from ``seed``) for a main model, or None without one; a proxy that cannot serve raises
+    :class:`ConfigError`."""
+    if sketch_cfg.proxy_model is None and sketch_cfg.proxy_config is None:
         return None
-    from ds_partitionsel.proxy import ProxyModel, vocab_size
+    from ds_partitionsel.proxy import ProxyModel, proxy_from_config, vocab_size
 
     params = list(main_module.parameters())
+    if sketch_cfg.proxy_config is not None:
+        arch = sketch_cfg.proxy_config
+        try:
+            model = proxy_from_config(main_module, hidden_size=arch.hidden_size, layers=arch.layers, heads=arch.heads,
+                                      kv_heads=arch.kv_heads, intermediate_size=arch.intermediate_size, seed=seed)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"partitionsel.sketch.proxy_config: {e}") from e
+        return ProxyModel(model, train=True, lr=sketch_cfg.proxy_lr, device=params[0].device if params else None,
+                          main_vocab=vocab_size(main_module))
     try:
         return ProxyModel(sketch_cfg.proxy_model, layers=sketch_cfg.proxy_layers, train=sketch_cfg.proxy_train,
                           lr=sketch_cfg.proxy_lr, device=params[0].device if params else None,

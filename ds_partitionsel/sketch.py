@@ -769,3 +769,14 @@ class GradientSketcher:
                 part = torch.cat([part, delta.sum(1)], dim=1)
             out = part if out is None else out + part
         return out
+
+
+def make_sketcher(model: nn.Module, *, mode: str = "exact", **kwargs):
+    """The sketcher of ``mode``: :class:`GradientSketcher` for ``exact`` / ``kron``, the
+    forward-only :class:`~ds_partitionsel.head_features.HeadSketcher` for ``head`` /
+    ``head_kron`` (the LM head's per-sample gradient, no backward)."""
+    from .head_features import HEAD_MODES, HeadSketcher
+
+    if mode in HEAD_MODES:
+        return HeadSketcher(model, mode=mode, **kwargs)
+    return GradientSketcher(model, mode=mode, **kwargs)
