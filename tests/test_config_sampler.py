@@ -7,9 +7,11 @@ from ds_partitionsel.launch_env import map_launcher_env
 from ds_partitionsel.sampler import PoolSampler, assign_owner_first, shard_bounds
 
 
-def test_defaults_follow_the_paper():
+def test_defaults():
     cfg = PartitionSelConfig.from_dict({})
-    assert cfg.method == "partitionsel" and cfg.budget.strategy == "proportional"
+    # budgets that follow the validation set, Gumbel sampling on the residuals (docs/RESULTS.md)
+    assert cfg.method == "partitionsel" and cfg.budget.strategy == "validation" and cfg.budget.floor == 0.25
+    assert cfg.rule == "sample" and cfg.temperature == 3.0 and cfg.validation.ema == 0.0
     assert cfg.use_weights is False and cfg.sketch.modules == 3 and cfg.sketch.normalize is True
     assert cfg.pool_factor == 8
 

@@ -544,15 +544,24 @@ def sft_specs(args, pool: str) -> list:
             for s in args.seeds for m in args.sft_methods]
 
 
-def run_specs(args, specs: list) -> None:
-    """Run what is not finished yet, ``--jobs`` at a time, with progress and an ETA."""
+def kept_names(results: Path) -> set:
+    """Names of the runs already kept in ``<results>/runs.jsonl`` (a later session reuses them)."""
+    kept = results / "runs.jsonl"
+    if not kept.exists():
+        return set()
+    return {json.loads(line)["name"] for line in kept.read_text().splitlines() if line.strip()}
+
+
+def run_specs(args, specs: list, kept: frozenset = frozenset()) -> None:
+    """Run what is not finished yet (no ``summary.json`` in its folder and not in ``kept``),
+    ``--jobs`` at a time, with progress and an ETA."""
     out = REPO / args.out
     # seed by seed: an interrupted experiment leaves whole seeds behind
     specs = sorted(specs, key=lambda spec: spec["seed"])
     todo = []
     for spec in specs:
         spec["dir"] = str(out / spec["name"])
-        if args.fresh or not (Path(spec["dir"]) / "summary.json").exists():
+        if args.fresh or not ((Path(spec["dir"]) / "summary.json").exists() or spec["name"] in kept):
             todo.append(spec)
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; {len(todo)} to run "
           f"({args.jobs} at a time)", flush=True)
@@ -1013,7 +1022,7 @@ def run_corpora(args) -> int:
             data = prepare_pretrain(sub)
             specs = (pretrain_specs(sub, data) if "pretrain" in args.phase else []) + \
                 (ablation_specs(sub, data) if "ablation" in args.phase else [])
-            run_specs(sub, specs)
+            run_specs(sub, specs, kept_names(results))
             keep_results(REPO / sub.out, results)
         report(results, sub.target_domain[0])
     print(summary(root, names))
@@ -1035,7 +1044,7 @@ def main(argv=None) -> int:
                 specs += ablation_specs(args, data)
         if "sft" in args.phase:
             specs += sft_specs(args, prepare_sft(args))
-        run_specs(args, specs)
+        run_specs(args, specs, kept_names(results))
         keep_results(REPO / args.out, results)
     report(results, args.target_domain[0])
     return 0
