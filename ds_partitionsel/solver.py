@@ -482,13 +482,13 @@ class ResidualProduct:
             out = held[self.t]
             np.multiply(column.detach().numpy(), self.row_unit.numpy(), out=out)
             out *= 2.0 ** -e_j
-            if np.abs(out).max() > 2.0 ** (self.bc + 1):
+            if np.abs(out).max(initial=0.0) > 2.0 ** (self.bc + 1):
                 self._widen(row)  # Q is not PSD on some rows (|C| > 2)
             np.round(out, out=out)
             out *= 2.0 ** -self.bc
         else:
             torch.mul(column, self.row_unit, out=row).mul_(2.0 ** -e_j)
-            if float(torch.linalg.vector_norm(row, math.inf)) > 2.0 ** (self.bc + 1):
+            if row.numel() and float(torch.linalg.vector_norm(row, math.inf)) > 2.0 ** (self.bc + 1):
                 self._widen(row)  # Q is not PSD on some rows (|C| > 2)
             row.round_().mul_(2.0 ** -self.bc)  # C on the grid 2^-bc
         self.col_scale[self.t] = 2.0 ** e_j
