@@ -43,6 +43,9 @@ sys.path.insert(0, str(REPO))
 from ds_partitionsel import pool_format as pf  # noqa: E402
 from ds_partitionsel.pool_builder import TEXT_BATCH_CHARS  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tools"))
+from bench_inputs import ensure_demo_data, ensure_model  # noqa: E402
+
 TARGET_THROUGHPUT = 0.70
 TARGET_RSS = 1.2
 
@@ -50,9 +53,7 @@ TARGET_RSS = 1.2
 def real_documents() -> list:
     """Real documents ``{"text", "domain"}``: the demo records and the stdlib's .py sources."""
     docs = []
-    demo = REPO / ".cache" / "demo_data" / "train.jsonl"
-    if not demo.is_file():
-        raise SystemExit(f"{demo} not found: run python tools/fetch_demo_data.py first")
+    demo = ensure_demo_data() / "train.jsonl"  # generated on first use
     for line in open(demo, encoding="utf-8"):
         rec = json.loads(line)
         docs.append({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]})
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the corpora and pools (default: delete pools)")
     ap.add_argument("--out", default="runs/bench_build.json")
     args = ap.parse_args(argv)
+    ensure_model(args.tokenizer)  # the default tokenizer is fetched on first use
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

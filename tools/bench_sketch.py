@@ -307,8 +307,12 @@ def main(argv=None):
     if args.method:
         print(json.dumps(run_method(args)))
         return 0
-    if not Path(args.model).exists():
-        sys.exit(f"model folder {args.model} not found: run `python tools/fetch_demo_data.py --model-only`")
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_inputs import DEMO_DATA, ensure_demo_data, ensure_model  # built on first use
+
+    ensure_model(args.model)
+    if args.data and Path(os.path.abspath(args.data)) == DEMO_DATA / "train.jsonl":
+        ensure_demo_data()
 
     results = {}
     methods = [m for m in args.methods.split(",") if m]
