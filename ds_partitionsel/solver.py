@@ -86,9 +86,11 @@ def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
     idx = np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64))
     if quadratic.device.type == "cpu":  # numpy: a fraction of the tensor indexing overhead
         q = quadratic.detach().numpy()
-        a, b = q[idx], q[:, idx].T
+        a, b = q[idx], np.take(q, idx, axis=1).T  # take: a fraction of q[:, idx]'s cost
         scale = float(np.abs(a).max()) or 1.0
-        worst = float((np.abs(a - b) - 1e-5 * np.abs(b)).max())
+        diff = np.abs(a - b)
+        diff -= 1e-5 * np.abs(b)
+        worst = float(diff.max())
     else:
         sel = torch.from_numpy(idx).to(quadratic.device)
         a, b = quadratic.index_select(0, sel), quadratic.index_select(1, sel).T
