@@ -276,9 +276,11 @@ class GramRows(CandidateRows):
                       if quadratic.device.type == "cpu" else None)
 
     def pick_payload(self, local):
-        return torch.tensor([float(local + self.offset)], dtype=torch.float64)
+        return torch.from_numpy(np.array([float(local + self.offset)]))
 
     def column(self, payload, index):
+        if self._host is not None:
+            return torch.from_numpy(self._host[1][index - self.offset])
         return self.quadratic[index - self.offset]
 
     def pick_terms(self, payload, selected):
@@ -472,23 +474,24 @@ class ResidualProduct:
         self.t = 0
         # On the CPU the product runs through numpy views of the same memory: the sums are
         # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
-        self._host = (self.held.numpy(), self.row_scale.numpy()) if diag.device.type == "cpu" else None
+        self._host = ((self.held.numpy(), self.row_scale.numpy(), self.row_unit.numpy())
+                      if diag.device.type == "cpu" else None)
 
     def append(self, column: torch.Tensor, q_jj: float) -> None:
         """Hold ``Q[rows, j]`` (n,) of the next pick ``j``, whose ``Q_jj`` is ``q_jj``."""
         _, e_j = math.frexp(math.sqrt(max(q_jj, 0.0)))  # s_j = 2^e_j, as _pow2_scale
-        row = self.held[self.t]
         # C_ij 2^bc = Q_ij 2^bc / (s_i s_j), every factor a power of two: exact
         if self._host is not None:  # the same steps through numpy views (lower call overhead)
-            held, _ = self._host
+            held, _, row_unit = self._host
             out = held[self.t]
-            np.multiply(column.detach().numpy(), self.row_unit.numpy(), out=out)
+            np.multiply(column.detach().numpy(), row_unit, out=out)
             out *= 2.0 ** -e_j
             if np.abs(out).max(initial=0.0) > 2.0 ** (self.bc + 1):
-                self._widen(row)  # Q is not PSD on some rows (|C| > 2)
-            np.round(out, out=out)
+                self._widen(self.held[self.t])  # Q is not PSD on some rows (|C| > 2)
+            out.round(out=out)
             out *= 2.0 ** -self.bc
         else:
+            row = self.held[self.t]
             torch.mul(column, self.row_unit, out=row).mul_(2.0 ** -e_j)
             if row.numel() and float(torch.linalg.vector_norm(row, math.inf)) > 2.0 ** (self.bc + 1):
                 self._widen(row)  # Q is not PSD on some rows (|C| > 2)
@@ -510,11 +513,35 @@ class ResidualProduct:
 
     def product(self, w: np.ndarray) -> torch.Tensor:
         """``sum_j Q[rows, S_j] w_j`` (n,) float64 for the first ``t = len(w)`` held picks."""
+        if self._host is not None:
+            return torch.from_numpy(self.product_host(w))
+        pieces = self._split(w)
+        if pieces is None:
+            return torch.zeros(self.n, dtype=torch.float64, device=self.held.device)
+        t = len(w)
+        exact = torch.mm(torch.from_numpy(pieces).to(self.held.device, non_blocking=True), self.held[:t])
+        return exact[1].add_(exact[0]).mul_(self.row_scale)
+
+    def product_host(self, w: np.ndarray) -> np.ndarray:
+        """:meth:`product` as a numpy array, for rows held on the CPU (numpy views, same bits)."""
+        pieces = self._split(w)
+        if pieces is None:
+            return np.zeros(self.n)
+        held, row_scale, _ = self._host
+        exact = pieces @ held[:len(w)]  # (2, n), every entry exact whatever the BLAS
+        out = exact[1]
+        out += exact[0]  # the one rounding, elementwise
+        out *= row_scale
+        return out
+
+    def _split(self, w: np.ndarray):
+        """``v = s_j w_j`` as two pieces (2, t) on the grids ``2^(e-bv)`` and ``2^(e-2bv)``
+        (``2^e > max |v|``), or None when ``w`` is all zeros."""
         t = len(w)
         v = w * self.col_scale[:t]
         top = float(np.abs(v).max()) if t else 0.0
         if top == 0.0:
-            return torch.zeros(self.n, dtype=torch.float64, device=self.held.device)
+            return None
         _, e = math.frexp(top)
         v *= 2.0 ** (self.bv - e)  # |v| < 2^bv, exact
         pieces = self._pieces[:, :t]
@@ -522,20 +549,10 @@ class ResidualProduct:
         v -= first  # exact: a value minus its rounding to integers
         v *= 2.0 ** self.bv
         v.round(out=pieces[1])
-        # (2, n) integer combinations of the C grid: every entry exact whatever the BLAS
-        scale = 2.0 ** (e - self.bv)
-        if self._host is not None:
-            held, row_scale = self._host
-            exact = pieces @ held[:t]
-            out = exact[1]
-            out *= 2.0 ** -self.bv
-            out += exact[0]  # the one rounding, elementwise
-            out *= row_scale
-            out *= scale
-            return torch.from_numpy(out)
-        held = self.held[:t]
-        exact = torch.mm(torch.from_numpy(pieces).to(held.device, non_blocking=True), held)
-        return exact[1].mul_(2.0 ** -self.bv).add_(exact[0]).mul_(self.row_scale).mul_(scale)
+        # back to the values' scale, by powers of two (exact); the sums stay exact
+        first *= 2.0 ** (e - self.bv)
+        pieces[1] *= 2.0 ** (e - 2 * self.bv)
+        return pieces
 
 
 # --------------------------------------------------------------------------- choosers
@@ -832,7 +849,7 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
             if t == 0:
                 vals[:] = host[4]
             else:
-                np.subtract(host[4], held.product(refit.w[:t]).numpy().astype(vals.dtype, copy=False), out=vals)
+                np.subtract(host[4], held.product_host(refit.w[:t]).astype(vals.dtype, copy=False), out=vals)
             if not nonneg and not unit_weights:
                 np.abs(vals, out=vals)
             vals += host[0]  # infeasible -> -inf
