@@ -40,6 +40,15 @@ __all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets
 
 RULES = ("greedy", "rrg")
 
+# On the CPU the per-pick work goes through numpy views of the same memory (a fraction of the
+# tensor call overhead, the same arithmetic in the same order); off it, tensor ops. Tests turn
+# the views off to run the device path on the CPU and compare the bits.
+HOST_VIEWS = True
+
+
+def _host_views(t: torch.Tensor) -> bool:
+    return HOST_VIEWS and t.device.type == "cpu"
+
 
 @dataclass
 class Selection:
@@ -86,7 +95,7 @@ def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
     n = quadratic.shape[0]
     # spacing >= 1 between the sample points, so the rounded indices are distinct
     idx = np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)
-    if quadratic.device.type == "cpu":  # numpy: a fraction of the tensor indexing overhead
+    if _host_views(quadratic):  # numpy: a fraction of the tensor indexing overhead
         q = quadratic.detach().numpy()
         a = q[idx]
         worst = float(np.abs(a - np.take(q, idx, axis=1).T).max())
@@ -273,7 +282,7 @@ class GramRows(CandidateRows):
         # numpy views of the same memory on the CPU: a pick reads a few entries, and tensor
         # indexing costs more than the reading
         self._host = ((linear.detach().numpy(), quadratic.detach().numpy(), domains.numpy())
-                      if quadratic.device.type == "cpu" else None)
+                      if _host_views(quadratic) else None)
 
     def pick_payload(self, local):
         return torch.from_numpy(np.array([float(local + self.offset)]))
@@ -418,7 +427,7 @@ def row_dots(rows: torch.Tensor, vec: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _pow2_scale(diag: torch.Tensor) -> torch.Tensor:
     """``s = 2^e >= sqrt(max(diag, 0))`` elementwise, a power of two (1 where ``diag`` is 0)."""
-    if diag.device.type == "cpu":  # the same numbers (sqrt is exactly rounded, frexp exact)
+    if _host_views(diag):  # the same numbers (sqrt is exactly rounded, frexp exact)
         _, exp = np.frexp(np.sqrt(np.maximum(diag.detach().numpy().astype(np.float64), 0.0)))
         return torch.from_numpy(np.ldexp(1.0, exp))
     root = torch.sqrt(torch.clamp(diag.double(), min=0.0))
@@ -480,7 +489,7 @@ class ResidualProduct:
         # On the CPU the product runs through numpy views of the same memory: the sums are
         # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
         self._host = ((self.held.numpy(), self.row_scale.numpy(), self.row_unit.numpy())
-                      if diag.device.type == "cpu" else None)
+                      if _host_views(diag) else None)
 
     def append(self, column: torch.Tensor, q_jj: float) -> None:
         """Hold ``Q[rows, j]`` (n,) of the next pick ``j``, whose ``Q_jj`` is ``q_jj``."""
@@ -588,7 +597,7 @@ class LocalChooser:
 
     def choose(self, values, feasible, rows, remaining, rule, generator):
         if rule == "greedy":  # -inf where infeasible; the first max: the lowest index
-            local = int(values.numpy().argmax() if values.device.type == "cpu" else torch.argmax(values))
+            local = int(values.numpy().argmax() if _host_views(values) else torch.argmax(values))
         else:
             cand_vals, cand_idx, cand_dom = rrg_shortlist(values, feasible, rows.domains, remaining)
             local = int(rrg_pick(cand_vals, cand_idx, cand_dom, remaining, generator))
@@ -850,7 +859,7 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
     refit = _Refit(k, nonneg, unit=unit_weights)
     picks, pick_dom = [], []
     base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
-    if penalty.device.type == "cpu":  # numpy views of the loop's vectors (same memory)
+    if _host_views(penalty):  # numpy views of the loop's vectors (same memory)
         host = (penalty.numpy(), feasible.numpy(), remaining.numpy(),
                 np.empty(n, dtype=penalty.numpy().dtype), base.detach().numpy())
     for t in range(k):

@@ -414,3 +414,21 @@ def test_residual_product_widens_rows_where_the_quadratic_is_not_psd():
     full = _held(quadratic, picks).product(w)
     assert torch.allclose(full, quadratic[:, picks] @ torch.from_numpy(w), rtol=1e-6, atol=1e-7)
     assert torch.equal(_held(quadratic, picks, 10, 33).product(w), full[10:33])
+
+
+@pytest.mark.parametrize("nonneg", [True, False])
+def test_tensor_path_of_the_loop_gives_the_bits_of_the_numpy_path(monkeypatch, nonneg):
+    """Off the CPU the loop runs on tensors; on the CPU through numpy views. Both do the same
+    arithmetic in the same order: forcing the tensor path here must not change one bit."""
+    import ds_partitionsel.solver as solver
+
+    feats, target, domains, linear, quadratic = _random_problem(300, 40, 4, 5)
+    budgets = allocate_budgets(torch.bincount(domains, minlength=4), 40)
+    host = partition_omp(linear, quadratic, domains, budgets, nonneg=nonneg)
+    host_f = select("partitionsel", feats.float(), domains, target.float(), budgets)
+    monkeypatch.setattr(solver, "HOST_VIEWS", False)
+    tensor = partition_omp(linear, quadratic, domains, budgets, nonneg=nonneg)
+    tensor_f = select("partitionsel", feats.float(), domains, target.float(), budgets)
+    for a, b in ((host, tensor), (host_f, tensor_f)):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+        assert a.utility == b.utility
