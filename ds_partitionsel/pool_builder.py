@@ -29,6 +29,10 @@ from . import pool_format as pf
 EXIT_OK, EXIT_BUILD_ERROR = 0, 1
 LINE_INDEX_STRIDE = 1024  # a jsonl source remembers the byte offset of every 1024th line
 TEXT_BATCH_CHARS = 1 << 20  # texts handed to the tokenizer per batch call (about 1 MB)
+# A longer text is tokenized in pieces of about this many characters (256K), cut where the tokenizer
+# itself has a token boundary (:func:`text_pieces`): its memory is that of one piece.
+LONG_TEXT_CHARS = 1 << 18
+CUT_CHECK_CHARS = 256  # context on each side of a cut when checking it is a token boundary
 MEGATRON_EXTRA = "pip install 'ds_partitionsel[megatron]'"
 
 
@@ -376,6 +380,54 @@ def _flag(name: str, fields: Fields) -> str:
             fields.text: "text"}[name]
 
 
+def _cut_candidates(text: str, target: int, lo: int):
+    """Positions ``lo < p <= target`` to try as cuts, nearest first: after a newline that
+    precedes a non-space, then before a space that precedes a non-space (pre-token starts in
+    byte-level BPE tokenizers), then any position (the check decides)."""
+    for pattern in ("\n", " "):
+        p = target
+        while True:
+            p = text.rfind(pattern, lo + 1, p)
+            if p < 0:
+                break
+            cut = p + 1 if pattern == "\n" else p
+            if lo < cut <= target and cut < len(text) and not text[cut].isspace() \
+                    and (pattern == "\n" or not text[p - 1].isspace()):
+                yield cut
+    yield from range(target, lo, -max(1, (target - lo) // 64))
+
+
+def text_pieces(text: str, encode, limit: int = LONG_TEXT_CHARS, attempts: int = 64) -> list:
+    """``text`` as consecutive pieces of at most about ``limit`` characters whose token ids,
+    concatenated, are the ids of the whole text.
+
+    A cut at ``p`` is taken only when the tokenizer has a token boundary there: the ids of
+    ``CUT_CHECK_CHARS`` characters on each side, encoded together, equal the two sides encoded
+    apart. Tokenizers whose pre-tokenizer splits on local patterns (the byte-level BPE and
+    Metaspace families) decide a boundary from its neighbourhood, so the local check is the
+    whole-text property. Where no candidate of a stretch passes (``attempts`` checks), the
+    stretch is not cut. ``encode(list of texts) -> list of id lists``.
+    """
+    if len(text) <= limit:
+        return [text]
+    pieces, start, w = [], 0, CUT_CHECK_CHARS
+    while len(text) - start > limit:
+        cut = None
+        for i, p in enumerate(_cut_candidates(text, start + limit, start + limit // 2)):
+            if i >= attempts:
+                break
+            both, left, right = encode([text[p - w:p + w], text[p - w:p], text[p:p + w]])
+            if list(both) == list(left) + list(right):
+                cut = p
+                break
+        if cut is None:
+            break  # no checked boundary here: the rest stays whole
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def held_out(content: bytes, fraction: float) -> bool:
     """Deterministic per-document validation draw: the first 8 bytes of BLAKE2b(content), as a
     number in [0, 1), fall below ``fraction``. Identical documents go to the same split."""
@@ -416,11 +468,14 @@ class Plan:
 class ShardBuilder:
     """Turns the units of one shard into one :class:`pool_format.ShardBuffer` per output split."""
 
-    def __init__(self, plan: Plan, splits):
+    def __init__(self, plan: Plan, splits, spill: Path | None = None):
         self.plan = plan
         self.buffers = {s: pf.ShardBuffer(plan.dtype) for s in splits}
-        self.streams = {s: {} for s in splits}  # packing: split -> domain -> [document ids]
-        self.pending = []                       # text waiting for one batched encode: (text, domain, split)
+        # packing: split -> domain -> WindowPacker, its windows streamed to a file under ``spill``
+        self.streams = {s: {} for s in splits}
+        self.spill = spill
+        self.pending = []  # text waiting for one batched encode: (text or piece, domain, split, last piece)
+        self.open_doc = []  # ids of the pieces of a long text so far
         self.pending_chars = 0
         self.errors, self.dropped_no_response = [], {s: 0 for s in splits}  # per output split
         # per split, per domain: the fewest tokens a dropped record needed to keep one response token
@@ -453,10 +508,13 @@ class ShardBuilder:
             return
         if plan.mode == "text":
             text, domain = parsed
-            self.pending.append((text, domain, self.split_of(text.encode("utf-8"))))
-            self.pending_chars += len(text)
-            if self.pending_chars >= TEXT_BATCH_CHARS:
-                self.flush()
+            split = self.split_of(text.encode("utf-8"))
+            pieces = text_pieces(text, self.encode)
+            for i, piece in enumerate(pieces):  # a long text: its pieces, the last one closing it
+                self.pending.append((piece, domain, split, i == len(pieces) - 1))
+                self.pending_chars += len(piece)
+                if self.pending_chars >= TEXT_BATCH_CHARS:
+                    self.flush()
             return
         prompt, response, domain = parsed
         split = self.split_of(f"{prompt}\0{response}".encode("utf-8"))
@@ -475,8 +533,12 @@ class ShardBuilder:
         """Encode the pending texts in one batched tokenizer call."""
         if not self.pending:
             return
-        for (text, domain, split), ids in zip(self.pending, self.encode([t for t, _, _ in self.pending])):
-            self.add_document(np.asarray(ids, dtype=self.plan.dtype), domain, split)
+        for (text, domain, split, last), ids in zip(self.pending, self.encode([p[0] for p in self.pending])):
+            self.open_doc.append(np.asarray(ids, dtype=self.plan.dtype))
+            if last:
+                doc = self.open_doc[0] if len(self.open_doc) == 1 else np.concatenate(self.open_doc)
+                self.open_doc = []
+                self.add_document(doc, domain, split)
         self.pending, self.pending_chars = [], 0
 
     def add_document(self, ids: np.ndarray, domain: str, split: str) -> None:
@@ -484,7 +546,14 @@ class ShardBuilder:
         buf = self.buffers[split]
         buf.count(domain, "documents", 1)
         if self.plan.pack:
-            self.streams[split].setdefault(domain, []).append(doc)
+            packers = self.streams[split]
+            if domain not in packers:
+                if self.spill is None:
+                    raise RuntimeError("internal: packing needs a spill folder")
+                self.spill.mkdir(parents=True, exist_ok=True)
+                path = self.spill / f"{split}-{len(packers)}.tokens"
+                packers[domain] = pf.WindowPacker(self.plan.pack, split != "train", path, self.plan.dtype)
+            packers[domain].add(doc)
             return
         cut = len(doc) > self.plan.max_length
         doc = doc[:self.plan.max_length]
@@ -493,13 +562,11 @@ class ShardBuilder:
     def finish(self) -> dict:
         """Pack the domains' streams (``--pack``) into the buffers; returns the buffers."""
         self.flush()
-        for split, by_domain in self.streams.items():
-            for domain in sorted(by_domain):
-                stream = np.concatenate(by_domain[domain])
-                by_domain[domain] = None  # free the document list before the windows are made
-                tokens, lengths, dropped = pf.pack_windows(stream, self.plan.pack, keep_tail=split != "train")
-                self.buffers[split].add_many(tokens, lengths, domain)
-                self.buffers[split].count(domain, "stream_tokens", len(stream))
+        for split, packers in self.streams.items():
+            for domain in sorted(packers):  # the records of a shard: domain by domain, sorted
+                lengths, stream_tokens, dropped = packers[domain].finish()
+                self.buffers[split].add_file(packers[domain].path, lengths, domain)
+                self.buffers[split].count(domain, "stream_tokens", stream_tokens)
                 self.buffers[split].count(domain, "dropped_tokens", dropped)
         return self.buffers
 
@@ -510,7 +577,8 @@ def build_shard(plan: Plan, group: int, shard: int, staging: Path, progress) -> 
     grp = plan.groups[group]
     start = shard * plan.shard_docs
     stop = min(start + plan.shard_docs, sum(s.num_units for s in grp["sources"]))
-    builder = ShardBuilder(plan, grp["splits"])
+    spill = staging / f".spill-{group}-{shard}"  # packed windows on their way to the shard's files
+    builder = ShardBuilder(plan, grp["splits"], spill)
     base = 0
     for src in grp["sources"]:
         lo, hi = max(start - base, 0), min(stop - base, src.num_units)
@@ -531,6 +599,7 @@ def build_shard(plan: Plan, group: int, shard: int, staging: Path, progress) -> 
         folder = pf.shard_dir(grp["num_shards"], shard)
         entry = buf.write(staging / split / folder)
         entries[split] = dict(entry, dir=folder)
+    shutil.rmtree(spill, ignore_errors=True)
     return {"group": group, "shard": shard, "errors": builder.errors, "entries": entries,
             "dropped_no_response": builder.dropped_no_response, "dropped_need": builder.dropped_need,
             "replaced_lines": builder.replaced_lines}

@@ -255,15 +255,71 @@ def pack_windows(stream: np.ndarray, seq_len: int, keep_tail: bool):
 
     Returns ``(tokens (sum of window lengths,), lengths (W,) int64, dropped_tokens int)``.
     """
-    S, L = int(seq_len), len(stream)
-    n = (L - S) // (S - 1) + 1 if L >= S else 0
-    starts = np.arange(n, dtype=np.int64) * (S - 1)
-    windows = stream[starts[:, None] + np.arange(S)].reshape(-1) if n else stream[:0]
-    lengths = np.full(n, S, dtype=np.int64)
-    rest = stream[n * (S - 1):]  # starts with the last window's final token when n > 0
+    windows, rest = full_windows(stream, seq_len)
+    n = len(windows)
+    lengths = np.full(n, int(seq_len), dtype=np.int64)
+    windows = windows.reshape(-1)
     if keep_tail and len(rest) >= 2:
         return np.concatenate([windows, rest]), np.append(lengths, len(rest)), 0
-    return windows, lengths, len(rest) - 1 if n else L  # tokens that are in no window
+    return windows, lengths, len(rest) - 1 if n else len(stream)  # tokens that are in no window
+
+
+def full_windows(stream: np.ndarray, seq_len: int):
+    """The full windows of :func:`pack_windows` as one ``(n, S)`` copy, and the rest of the
+    stream (a view, fewer than S tokens, starting with the last window's final token).
+
+    Windows are cut from a strided view of ``stream`` (no index array: the copy is the only
+    allocation, in the stream's dtype). Packing a prefix, then the rest followed by more tokens,
+    gives the same windows as packing the whole stream at once (how :class:`WindowPacker`
+    streams a long domain)."""
+    S, L = int(seq_len), len(stream)
+    n = (L - S) // (S - 1) + 1 if L >= S else 0
+    if not n:
+        return stream[:0].reshape(0, S), stream
+    view = np.lib.stride_tricks.sliding_window_view(stream, S)[::S - 1][:n]
+    return np.ascontiguousarray(view), stream[n * (S - 1):]
+
+
+class WindowPacker:
+    """:func:`pack_windows` over one domain's stream that arrives document by document, written
+    to ``path`` as it goes: memory is the pending tokens (below ``flush_tokens`` plus one
+    document) whatever the length of the stream. The file holds the records' tokens in order;
+    :meth:`finish` returns ``(lengths (W,) int64, stream_tokens, dropped_tokens)`` as
+    ``pack_windows`` would for the whole stream."""
+
+    def __init__(self, seq_len: int, keep_tail: bool, path: Path, dtype, flush_tokens: int = 1 << 20):
+        self.seq_len, self.keep_tail, self.path = int(seq_len), keep_tail, Path(path)
+        self.dtype, self.flush_tokens = np.dtype(dtype), max(int(flush_tokens), int(seq_len))
+        self.parts, self.pending, self.stream_tokens, self.windows = [], 0, 0, 0
+        self.tail = None
+        self.file = open(self.path, "wb")
+
+    def add(self, ids: np.ndarray) -> None:
+        self.parts.append(np.asarray(ids, dtype=self.dtype))
+        self.pending += len(ids)
+        self.stream_tokens += len(ids)
+        if self.pending >= self.flush_tokens:
+            self._emit()
+
+    def _emit(self):
+        stream = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        windows, rest = full_windows(stream, self.seq_len)
+        windows.tofile(self.file)
+        self.windows += len(windows)
+        self.parts, self.pending = [rest.copy()], len(rest)
+        return rest
+
+    def finish(self):
+        rest = self._emit() if self.parts else np.zeros(0, self.dtype)
+        lengths = np.full(self.windows, self.seq_len, dtype=np.int64)
+        if self.keep_tail and len(rest) >= 2:
+            rest.tofile(self.file)
+            lengths, dropped = np.append(lengths, len(rest)), 0
+        else:
+            dropped = len(rest) - 1 if self.windows else len(rest)
+        self.file.close()
+        self.parts, self.pending = [], 0
+        return lengths, self.stream_tokens, int(dropped)
 
 
 # ----------------------------------------------------------------------------- files
@@ -292,65 +348,128 @@ def shard_dir(num_shards: int, index: int) -> str:
 class ShardBuffer:
     """The records of one shard, collected in order and written as the five array files.
 
-    Memory: the shard's tokens (token dtype) and masks; nothing of other shards.
+    Records come as segments: in-memory records (:meth:`add`, :meth:`add_many`) or packed
+    windows already written to a file (:meth:`add_file`, from :class:`WindowPacker`). Memory:
+    the in-memory segments and one int64 length per record; :meth:`write` streams the token
+    and mask files, so windows on file are never loaded whole.
     """
+
+    _COPY_BYTES = 1 << 24  # chunk of a spilled file copied at once
 
     def __init__(self, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
-        self.tokens, self.masks, self.lengths = [], [], []
-        self.domains, self.truncated = [], []  # per record: domain name, bool
+        # (tokens: array or file path, mask: array or None (all targets), lengths (r,) int64,
+        #  domain, truncated: (r,) bool or None)
+        self.segments = []
         self.counts = {}  # extra per-domain counters (documents, dropped tokens, ...), summed at the end
+        self.records = 0
 
     def add(self, ids: np.ndarray, mask: np.ndarray, domain: str, truncated: bool = False) -> None:
         if len(ids) < MIN_RECORD_TOKENS:  # nothing to predict: it would train as a loss of 0
             raise ValueError(f"a record of domain {domain!r} holds {len(ids)} token(s), fewer than the "
                              f"{MIN_RECORD_TOKENS} a training target needs (a document that tokenizes to nothing "
                              f"but EOS?); remove it from the input")
-        self.tokens.append(np.asarray(ids, dtype=self.dtype))
-        self.masks.append(np.asarray(mask, dtype=np.bool_))
-        self.lengths.append(len(ids))
-        self.domains.append(domain)
-        self.truncated.append(bool(truncated))
+        self.segments.append((np.asarray(ids, dtype=self.dtype), np.asarray(mask, dtype=np.bool_),
+                              np.asarray([len(ids)], np.int64), domain, np.asarray([bool(truncated)])))
+        self.records += 1
 
     def add_many(self, tokens: np.ndarray, lengths: np.ndarray, domain: str) -> None:
         """Records ``tokens`` split at ``lengths``, every token a target (packed windows)."""
-        self.tokens.append(np.asarray(tokens, dtype=self.dtype))
-        self.masks.append(np.ones(len(tokens), dtype=np.bool_))
-        self.lengths.extend(int(x) for x in lengths)
-        self.domains.extend([domain] * len(lengths))
-        self.truncated.extend([False] * len(lengths))
+        if len(lengths):  # a domain with no window has no record (and no name in the shard)
+            self.segments.append((np.asarray(tokens, dtype=self.dtype), None, np.asarray(lengths, np.int64),
+                                  domain, None))
+            self.records += len(lengths)
+
+    def add_file(self, path: Path, lengths: np.ndarray, domain: str) -> None:
+        """Records whose tokens (this buffer's dtype) are the file ``path``, split at ``lengths``,
+        every token a target; the file is read when the shard is written, then deleted."""
+        if not len(lengths):  # a domain with no window has no record (and no name in the shard)
+            Path(path).unlink(missing_ok=True)
+            return
+        self.segments.append((Path(path), None, np.asarray(lengths, np.int64), domain, None))
+        self.records += len(lengths)
 
     def count(self, domain: str, key: str, n: int) -> None:
         c = self.counts.setdefault(domain, {})
         c[key] = c.get(key, 0) + int(n)
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.records
+
+    def _stream_array(self, path: Path, dtype: np.dtype, total: int, pieces) -> dict:
+        """Write a 1-D ``.npy`` of ``total`` items from ``pieces`` (arrays, in order) as
+        :func:`save_array` would, without holding them all; returns its manifest entry."""
+        with open(path, "wb") as f:
+            header = np.lib.format.header_data_from_array_1_0(np.zeros(0, dtype))
+            header["shape"] = (int(total),)
+            np.lib.format.write_array_header_1_0(f, header)
+            written = 0
+            for piece in pieces:
+                piece = np.ascontiguousarray(piece, dtype=dtype)
+                f.write(piece.data)
+                written += len(piece)
+        if written != total:
+            raise RuntimeError(f"internal: wrote {written} items to {path}, expected {total}")
+        return {"dtype": np.dtype(dtype).str, "shape": [int(total)], "bytes": os.path.getsize(path),
+                "sha256": sha256_file(path)}
+
+    def _token_pieces(self):
+        step = max(1, self._COPY_BYTES // self.dtype.itemsize)
+        for tokens, _, _, _, _ in self.segments:
+            if isinstance(tokens, Path):
+                with open(tokens, "rb") as f:
+                    while True:
+                        chunk = np.fromfile(f, dtype=self.dtype, count=step)
+                        if not len(chunk):
+                            break
+                        yield chunk
+            else:
+                yield tokens
+
+    def _mask_pieces(self):
+        step = self._COPY_BYTES
+        for _, mask, lengths, _, _ in self.segments:
+            if mask is not None:
+                yield mask
+                continue
+            left = int(lengths.sum())
+            while left:
+                yield np.ones(min(step, left), np.bool_)
+                left -= min(step, left)
 
     def write(self, folder: Path) -> dict:
         """Write the arrays into ``folder`` (created); returns the shard's manifest entry."""
         folder.mkdir(parents=True, exist_ok=True)
-        names = sorted(set(self.domains))
+        segs = self.segments
+        names = sorted({s[3] for s in segs})
         local = {d: i for i, d in enumerate(names)}
-        domains = np.asarray([local[d] for d in self.domains], dtype=np.int32)
-        lengths = np.asarray(self.lengths, dtype=np.int64)
+        lengths = np.concatenate([s[2] for s in segs]) if segs else np.zeros(0, np.int64)
+        domains = (np.concatenate([np.full(len(s[2]), local[s[3]], np.int32) for s in segs]) if segs
+                   else np.zeros(0, np.int32))
+        truncated = (np.concatenate([s[4] if s[4] is not None else np.zeros(len(s[2]), np.bool_) for s in segs])
+                     if segs else np.zeros(0, np.bool_))
+        # loss tokens per record: the mask's count, or the length where every token is a target
+        loss = (np.concatenate([np.asarray([int(s[1].sum())], np.int64) if s[1] is not None else s[2]
+                                for s in segs]) if segs else np.zeros(0, np.int64))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, self.dtype)
-        mask = np.concatenate(self.masks) if self.masks else np.zeros(0, np.bool_)
-        truncated = np.asarray(self.truncated, dtype=np.bool_)
-        arrays = {"tokens.npy": tokens, "loss_mask.npy": mask, "offsets.npy": offsets,
-                  "domains.npy": domains, "truncated.npy": truncated}
-        files = {name: save_array(folder / name, arr) for name, arr in arrays.items()}
-        loss = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if len(lengths) and len(mask) else \
-            np.zeros(len(lengths), np.int64)
+        total = int(offsets[-1])
+        files = {"tokens.npy": self._stream_array(folder / "tokens.npy", self.dtype, total, self._token_pieces()),
+                 "loss_mask.npy": self._stream_array(folder / "loss_mask.npy", np.bool_, total,
+                                                     self._mask_pieces())}
+        for tokens, *_ in segs:
+            if isinstance(tokens, Path):
+                tokens.unlink(missing_ok=True)
+        self.segments = []
+        for name, arr in (("offsets.npy", offsets), ("domains.npy", domains), ("truncated.npy", truncated)):
+            files[name] = save_array(folder / name, arr)
         per_domain = {}
         for d in sorted(set(names) | set(self.counts)):
             sel = domains == local[d] if d in local else np.zeros(len(domains), np.bool_)
             per_domain[d] = {"records": int(sel.sum()), "tokens": int(lengths[sel].sum()),
                              "loss_tokens": int(loss[sel].sum()), "truncated": int(truncated[sel].sum()),
                              **self.counts.get(d, {})}
-        return {"num_records": int(len(lengths)), "num_tokens": int(offsets[-1]), "domains": names,
+        return {"num_records": int(len(lengths)), "num_tokens": total, "domains": names,
                 "per_domain": per_domain, "files": files}
 
 

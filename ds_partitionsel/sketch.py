@@ -312,6 +312,17 @@ def _row_list(rows: torch.Tensor, limit: int = 10) -> str:
 
 # --------------------------------------------------------------------------- the sketcher
 
+def _warn_empty_rows(labels: torch.Tensor) -> None:
+    empty = labels.sum(1) == 0
+    if bool(empty.any()):
+        # A warning, not an error, even when every row is empty: under ZeRO-3 the forward
+        # must still run so that this rank's parameter gathers match the other ranks'.
+        warnings.warn(f"rows {_row_list(empty)} have no label token in loss_mask (label t "
+                      f"needs loss_mask[t], attention_mask[t] and attention_mask[t-1], t >= 1); "
+                      f"their features are zero rows and their losses 0", RuntimeWarning,
+                      stacklevel=3)
+
+
 @dataclass
 class _Capture:
     """What the hooks of one module saw during one forward (one entry per call)."""
@@ -537,14 +548,7 @@ class GradientSketcher:
         if step <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
-        empty = labels.sum(1) == 0
-        if bool(empty.any()):
-            # A warning, not an error, even when every row is empty: under ZeRO-3 the forward
-            # must still run so that this rank's parameter gathers match the other ranks'.
-            warnings.warn(f"rows {_row_list(empty)} have no label token in loss_mask (label t "
-                          f"needs loss_mask[t], attention_mask[t] and attention_mask[t-1], t >= 1); "
-                          f"their features are zero rows and their losses 0", RuntimeWarning,
-                          stacklevel=2)
+        _warn_empty_rows(labels)
 
         # filled in place, batch by batch and block by block: no concatenation copies
         features = torch.zeros(n, self.feature_dim, dtype=self.compute_dtype, device=input_ids.device)
@@ -565,6 +569,95 @@ class GradientSketcher:
             features.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
         features = features.to(self.dtype)
         return (features, losses) if return_losses else features
+
+    def sketch_gram(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    loss_mask: Optional[torch.Tensor] = None, *, target: Optional[torch.Tensor] = None,
+                    batch_size: Optional[int] = None, spill_dir: Optional[str] = None):
+        """What selection needs from the features, without ever holding them: the Gram matrix,
+        the scores against ``target`` and the losses, streamed micro-batch by micro-batch.
+
+        Each module's block of a micro-batch's features (``(b, width)``, one hooked linear) is
+        reduced at once into the Gram rows of that micro-batch: against itself, and against
+        the earlier rows' block, which is read back from a file under ``spill_dir`` (a
+        temporary folder by default) where every block is appended as it is made. Memory:
+        the working memory of :meth:`sketch` plus one module's block for the pool's rows
+        (read back in chunks of at most 64 MiB), instead of the ``(n, p)`` features.
+        Disk: the features once, deleted on return.
+
+        Every entry is a sum over blocks, in block order, of :func:`row_dots` products, whose
+        value for a row does not depend on the other rows or on the BLAS kernel; with
+        ``normalize`` the rows are scaled to unit norm afterwards (``K_ij / (|g_i| |g_j|)``),
+        exactly as the Gram of :meth:`sketch`'s rows up to float rounding (``dim`` is not
+        supported: a projection needs the whole row).
+
+        Returns ``(gram (n, n) float64, scores (n,) float64 or None, losses (n,) float32)``.
+        ``target`` (p,): the validation gradient in this sketch's feature space (unnormalized).
+        """
+        import shutil
+        import tempfile
+
+        import numpy as np
+
+        from .solver import row_dots
+
+        if self._projector is not None:
+            raise ValueError("sketch_gram needs the unprojected features (dim=None); use sketch() with dim")
+        input_ids, attention_mask, labels = self._validate(input_ids, attention_mask, loss_mask)
+        n = input_ids.shape[0]
+        step = n if batch_size is None else int(batch_size)
+        if step <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if target is not None and (target.dim() != 1 or target.numel() != self.feature_dim):
+            raise ValueError(f"target must have shape ({self.feature_dim},), got {tuple(target.shape)}")
+        _warn_empty_rows(labels)
+        device = input_ids.device
+        gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+        scores = torch.zeros(n, dtype=torch.float64, device=device) if target is not None else None
+        losses = torch.zeros(n, dtype=torch.float32, device=device)
+        bad = torch.zeros(n, dtype=torch.bool, device=device)
+        folder = tempfile.mkdtemp(prefix="sketch-gram-", dir=spill_dir)
+        files = {}
+        try:
+            for start in range(0, n, step):
+                rows = slice(start, min(start + step, n))
+
+                def sink(offset, part, start=start, rows=rows):
+                    part = part.to(self.compute_dtype).contiguous()
+                    bad[rows] |= ~torch.isfinite(part.sum(1))
+                    if scores is not None:
+                        vec = target[offset:offset + part.shape[1]].to(part.dtype).to(part.device)
+                        scores[rows] += row_dots(part, vec).double()
+                    path = files.setdefault(offset, f"{folder}/block-{offset}.bin")
+                    width = part.shape[1]
+                    chunk = max(1, (1 << 26) // (width * part.element_size()))  # earlier rows per read
+                    for lo in range(0, start, chunk):
+                        prev = np.fromfile(path, dtype=np.float32 if part.dtype == torch.float32 else np.float64,
+                                           count=min(chunk, start - lo) * width, offset=lo * width * part.element_size())
+                        prev = torch.from_numpy(prev).view(-1, width).to(part.device)
+                        for i in range(part.shape[0]):  # K[start + i, lo:lo + len(prev)]
+                            dots = row_dots(prev, part[i]).double()
+                            gram[start + i, lo:lo + len(prev)] += dots
+                            gram[lo:lo + len(prev), start + i] += dots
+                    for i in range(part.shape[0]):
+                        gram[start + i, rows] += row_dots(part, part[i]).double()
+                    with open(path, "ab") as f:
+                        f.write(part.cpu().numpy().tobytes())
+
+                losses[rows] = self._sketch_batch(input_ids[rows], attention_mask[rows], labels[rows], None, sink)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"non-finite gradient features in rows {_row_list(bad)} (losses there: "
+                f"{losses[bad][:5].tolist()}). The model produced NaN/Inf activations or "
+                f"gradients; check the inputs and weights, or run the model in float32.")
+        if self.normalize:
+            norms = torch.sqrt(torch.diagonal(gram).clamp(min=0))
+            inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+            gram = gram * (inv[:, None] * inv[None, :])  # inv_i inv_j: symmetric bit for bit
+            if scores is not None:
+                scores = scores * inv
+        return gram, scores, losses
 
     def _validate(self, input_ids, attention_mask, loss_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -596,8 +689,11 @@ class GradientSketcher:
 
     # ------------------------------------------------------------------ one batch
 
-    def _sketch_batch(self, input_ids, attention_mask, labels, out: torch.Tensor) -> torch.Tensor:
-        """Write the batch's features into ``out`` ``(n, p)`` (zeros on entry); return its losses."""
+    def _sketch_batch(self, input_ids, attention_mask, labels, out: Optional[torch.Tensor],
+                      sink=None) -> torch.Tensor:
+        """Write the batch's features into ``out`` ``(n, p)`` (zeros on entry); return its losses.
+        With ``sink``, each module's block goes to ``sink(offset, part (n, width))`` instead
+        (rows without a label zeroed), and ``out`` is not used."""
         model = self.model
         captures = {name: _Capture() for name in self.module_names}
         tap = _HeadTap()
@@ -646,13 +742,18 @@ class GradientSketcher:
                 part = self._reduce_module(block, cap, block_deltas, real)
                 cap.inputs.clear()
                 cap.outputs.clear()
-                if self._projector is not None:
+                if sink is not None:
+                    part[labels.sum(1) == 0] = 0
+                    sink(offset, part)
+                    offset += block.width
+                elif self._projector is not None:
                     self._projector.project_block(block.name, part, out)
                 else:
                     out[:, offset:offset + block.width] = part
                     offset += block.width
                 del part
-            out[labels.sum(1) == 0] = 0
+            if out is not None:
+                out[labels.sum(1) == 0] = 0
         return losses.detach().float()
 
     def _pre_hook(self, module, args):

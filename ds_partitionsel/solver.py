@@ -40,6 +40,15 @@ __all__ = ["Selection", "partition_omp", "partitionsel_terms", "allocate_budgets
 
 RULES = ("greedy", "rrg", "sample")
 
+# On the CPU the per-pick work goes through numpy views of the same memory (a fraction of the
+# tensor call overhead, the same arithmetic in the same order); off it, tensor ops. Tests turn
+# the views off to run the device path on the CPU and compare the bits.
+HOST_VIEWS = True
+
+
+def _host_views(t: torch.Tensor) -> bool:
+    return HOST_VIEWS and t.device.type == "cpu"
+
 
 @dataclass
 class Selection:
@@ -70,7 +79,10 @@ class Selection:
 # --------------------------------------------------------------------------- validation
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # One sum first: NaN/Inf anywhere makes it non-finite, and a finite sum proves every entry
+    # finite (an overflowing sum of finite entries only sends us to the entrywise check).
+    if t.is_floating_point() and not math.isfinite(float(t.sum())) \
+            and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); drop or repair those candidates "
                          f"before selection")
@@ -78,12 +90,22 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
     """Spot-check ``Q == Q^T`` on up to ``rows`` evenly spaced rows: O(rows * n), not O(n^2)
-    (a full check costs more than the whole solve for small k; the solver reads rows only)."""
+    (a full check costs more than the whole solve for small k; the solver reads rows only).
+    Tolerance: ``|Q_ij - Q_ji| <= 1.1e-5 max |Q_i.|`` over the sampled rows."""
     n = quadratic.shape[0]
-    idx = torch.linspace(0, n - 1, min(rows, n)).round().long().unique()
-    a, b = quadratic[idx], quadratic[:, idx].T
-    scale = float(a.abs().max()) or 1.0
-    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale):
+    # spacing >= 1 between the sample points, so the rounded indices are distinct
+    idx = np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)
+    if _host_views(quadratic):  # numpy: a fraction of the tensor indexing overhead
+        q = quadratic.detach().numpy()
+        a = q[idx]
+        worst = float(np.abs(a - np.take(q, idx, axis=1).T).max())
+        scale = float(np.abs(a).max())
+    else:
+        sel = torch.from_numpy(idx).to(quadratic.device)
+        a = quadratic.index_select(0, sel)
+        worst = float((a - quadratic.index_select(1, sel).T).abs().max())
+        scale = float(a.abs().max())
+    if worst > 1.1e-5 * scale:
         raise ValueError("quadratic must be symmetric (Q == Q^T); symmetrize it, e.g. (Q + Q.T) / 2")
 
 
@@ -312,19 +334,31 @@ class GramRows(CandidateRows):
 
     def __init__(self, linear, quadratic, domains, offset: int = 0):
         self.linear, self.quadratic, self.domains, self.offset = linear, quadratic, domains, offset
+        # numpy views of the same memory on the CPU: a pick reads a few entries, and tensor
+        # indexing costs more than the reading
+        self._host = ((linear.detach().numpy(), quadratic.detach().numpy(), domains.numpy())
+                      if _host_views(quadratic) else None)
 
     def pick_payload(self, local):
-        return torch.tensor([float(local + self.offset)], dtype=torch.float64)
+        return torch.from_numpy(np.array([float(local + self.offset)]))
 
     def column(self, payload, index):
+        if self._host is not None:
+            return torch.from_numpy(self._host[1][index - self.offset])
         return self.quadratic[index - self.offset]
 
     def pick_terms(self, payload, selected):
-        j = int(payload[0]) - self.offset
+        j = int(payload.item() if payload.numel() == 1 else payload[0]) - self.offset
+        sel = np.asarray(selected, dtype=np.int64)
+        if self.offset:
+            sel -= self.offset
+        if self._host is not None:
+            linear, quadratic, domains = self._host
+            row = quadratic[j]
+            return float(linear[j]), row[sel].astype(np.float64, copy=False), float(row[j]), int(domains[j])
         row = self.quadratic[j]
-        sel = torch.as_tensor(selected, dtype=torch.int64) - self.offset
-        return (float(self.linear[j]), row[sel].double().cpu().numpy(), float(row[j]),
-                int(self.domains[j]))
+        return (float(self.linear[j]), row[torch.from_numpy(sel).to(row.device)].double().cpu().numpy(),
+                float(row[j]), int(self.domains[j]))
 
     def diagonal(self):
         return torch.diagonal(self.quadratic)
@@ -444,6 +478,152 @@ def row_dots(rows: torch.Tensor, vec: Optional[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+# --------------------------------------------------------------------------- the residual kernel
+
+def _pow2_scale(diag: torch.Tensor) -> torch.Tensor:
+    """``s = 2^e >= sqrt(max(diag, 0))`` elementwise, a power of two (1 where ``diag`` is 0)."""
+    if _host_views(diag):  # the same numbers (sqrt is exactly rounded, frexp exact)
+        _, exp = np.frexp(np.sqrt(np.maximum(diag.detach().numpy().astype(np.float64), 0.0)))
+        return torch.from_numpy(np.ldexp(1.0, exp))
+    root = torch.sqrt(torch.clamp(diag.double(), min=0.0))
+    _, exp = torch.frexp(root)  # root = m 2^e with m in [0.5, 1), so root < 2^e
+    return torch.ldexp(torch.ones_like(root), exp)
+
+
+def _split_bits(k: int) -> tuple:
+    """``(bc, bv)``: fixed-point bits of the held ``C`` entries and of each of the two pieces of
+    ``v``, such that ``(bc + 1) + bv + ceil(log2 k) <= 53`` (every partial sum exact in float64)
+    and ``2 bv >= bc`` (the two pieces of ``v`` are as precise as ``C``)."""
+    log_k = max(1, math.ceil(math.log2(max(k, 2))))
+    bc = (2 * (52 - log_k)) // 3
+    if bc < 8:
+        raise ValueError(f"k={k} picks is too many for the exact residual kernel (at most 2^30)")
+    return bc, 52 - bc - log_k
+
+
+class ResidualProduct:
+    """The held columns ``Q[rows, S]`` and their product with the weights, ``Q[rows, S] w`` (n,),
+    at BLAS speed and bit-identical whatever the BLAS kernel, thread count or row slicing.
+
+    The product is the O(n |S|) part of a pick, so it must run as a BLAS matrix product; but a
+    BLAS product's rounding depends on its blocking (row count, threads) and on the instruction
+    set MKL dispatches to at run time (SSE4.2, AVX2, AVX-512). So BLAS is only ever given sums
+    that are exact:
+
+    - each held entry is scaled by powers of two to ``C_ij = Q_ij / (s_i s_j)`` with
+      ``s_i = 2^ceil(log2 sqrt(Q_ii))`` (so ``|C_ij| <= 1`` for a positive semi-definite ``Q``)
+      and rounded to the fixed-point grid ``2^-bc``: an integer of at most ``bc + 1`` bits times
+      ``2^-bc``; rows whose entries exceed 2 (``Q`` not PSD there) get a larger ``s_i``;
+    - ``v_j = s_j w_j / 2^e`` (``|v| < 1``) is split, per call, into two pieces on the grids
+      ``2^-bv`` and ``2^-2bv``, with ``(bc + 1) + bv + ceil(log2 k) <= 53`` (:func:`_split_bits`).
+
+    Every product of a ``C`` entry and a ``v`` piece is then an integer below ``2^53 / k`` times
+    a unit common to the whole sum, and so is every partial sum over ``S``: float64 holds all
+    of them exactly, so the ``(2, |S|) x (|S|, n)`` product does not depend on the order of
+    summation, FMA, blocking or the other rows in the call. The two piece products are added
+    elementwise (the one rounding) and scaled back by powers of two, row by row.
+
+    Accuracy: ``|error_i| <= about 2^-bc s_i sum_j s_j |w_j|`` (``bc`` = 28 for k = 512, 26 for
+    k = 4096), i.e. relative 1e-8 of the bound ``sum_j |Q_ij w_j|`` can reach; the residual
+    only ranks candidates, the refit that sets the weights is exact float64.
+
+    Memory: one float64 ``(k, n)`` array.
+
+    diag : (n,) ``diag(Q)`` of the held rows; k : the number of picks.
+    """
+
+    def __init__(self, diag: torch.Tensor, k: int):
+        self.n, self.k = diag.numel(), int(k)
+        self.bc, self.bv = _split_bits(self.k)
+        self.row_scale = _pow2_scale(diag)  # (n,) s_i
+        self.row_unit = torch.reciprocal(self.row_scale) * 2.0 ** self.bc  # 2^bc / s_i, exact
+        self.held = torch.zeros(self.k, self.n, dtype=torch.float64, device=diag.device)
+        self.col_scale = np.zeros(self.k)  # s_j of the picks, replicated
+        self._pieces = np.zeros((2, self.k))  # the two pieces of v, as integers
+        self.t = 0
+        # On the CPU the product runs through numpy views of the same memory: the sums are
+        # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
+        self._host = ((self.held.numpy(), self.row_scale.numpy(), self.row_unit.numpy())
+                      if _host_views(diag) else None)
+
+    def append(self, column: torch.Tensor, q_jj: float) -> None:
+        """Hold ``Q[rows, j]`` (n,) of the next pick ``j``, whose ``Q_jj`` is ``q_jj``."""
+        _, e_j = math.frexp(math.sqrt(max(q_jj, 0.0)))  # s_j = 2^e_j, as _pow2_scale
+        # C_ij 2^bc = Q_ij 2^bc / (s_i s_j), every factor a power of two: exact
+        if self._host is not None:  # the same steps through numpy views (lower call overhead)
+            held, _, row_unit = self._host
+            out = held[self.t]
+            np.multiply(column.detach().numpy(), row_unit, out=out)
+            out *= 2.0 ** -e_j
+            if np.abs(out).max(initial=0.0) > 2.0 ** (self.bc + 1):
+                self._widen(self.held[self.t])  # Q is not PSD on some rows (|C| > 2)
+            out.round(out=out)
+            out *= 2.0 ** -self.bc
+        else:
+            row = self.held[self.t]
+            torch.mul(column, self.row_unit, out=row).mul_(2.0 ** -e_j)
+            if row.numel() and float(torch.linalg.vector_norm(row, math.inf)) > 2.0 ** (self.bc + 1):
+                self._widen(row)  # Q is not PSD on some rows (|C| > 2)
+            row.round_().mul_(2.0 ** -self.bc)  # C on the grid 2^-bc
+        self.col_scale[self.t] = 2.0 ** e_j
+        self.t += 1
+
+    def _widen(self, row: torch.Tensor) -> None:
+        """Raise ``s_i`` of the rows whose new entry ``row`` (``C 2^bc``) exceeds ``2^(bc+1)``
+        and re-round what they hold; row-local, so every process does the same."""
+        over = row.abs() > 2.0 ** (self.bc + 1)
+        _, exp = torch.frexp(row.abs() * 2.0 ** -self.bc)
+        factor = torch.where(over, torch.ldexp(torch.ones_like(row), exp), torch.ones_like(row))
+        self.row_scale.mul_(factor)
+        self.row_unit.div_(factor)
+        row.div_(factor)
+        old = self.held[:self.t]
+        old.div_(factor).mul_(2.0 ** self.bc).round_().mul_(2.0 ** -self.bc)
+
+    def product(self, w: np.ndarray) -> torch.Tensor:
+        """``sum_j Q[rows, S_j] w_j`` (n,) float64 for the first ``t = len(w)`` held picks."""
+        if self._host is not None:
+            return torch.from_numpy(self.product_host(w))
+        pieces = self._split(w)
+        if pieces is None:
+            return torch.zeros(self.n, dtype=torch.float64, device=self.held.device)
+        t = len(w)
+        exact = torch.mm(torch.from_numpy(pieces).to(self.held.device, non_blocking=True), self.held[:t])
+        return exact[1].add_(exact[0]).mul_(self.row_scale)
+
+    def product_host(self, w: np.ndarray) -> np.ndarray:
+        """:meth:`product` as a numpy array, for rows held on the CPU (numpy views, same bits)."""
+        pieces = self._split(w)
+        if pieces is None:
+            return np.zeros(self.n)
+        held, row_scale, _ = self._host
+        exact = pieces @ held[:len(w)]  # (2, n), every entry exact whatever the BLAS
+        out = exact[1]
+        out += exact[0]  # the one rounding, elementwise
+        out *= row_scale
+        return out
+
+    def _split(self, w: np.ndarray):
+        """``v = s_j w_j`` as two pieces (2, t) on the grids ``2^(e-bv)`` and ``2^(e-2bv)``
+        (``2^e > max |v|``), or None when ``w`` is all zeros."""
+        t = len(w)
+        v = w * self.col_scale[:t]
+        top = float(np.abs(v).max()) if t else 0.0
+        if top == 0.0:
+            return None
+        _, e = math.frexp(top)
+        v *= 2.0 ** (self.bv - e)  # |v| < 2^bv, exact
+        pieces = self._pieces[:, :t]
+        first = v.round(out=pieces[0])  # integers, |.| <= 2^bv
+        v -= first  # exact: a value minus its rounding to integers
+        v *= 2.0 ** self.bv
+        v.round(out=pieces[1])
+        # back to the values' scale, by powers of two (exact); the sums stay exact
+        first *= 2.0 ** (e - self.bv)
+        pieces[1] *= 2.0 ** (e - 2 * self.bv)
+        return pieces
+
+
 # --------------------------------------------------------------------------- choosers
 
 class Chooser(Protocol):
@@ -479,8 +659,8 @@ class LocalChooser:
         return spread(values)
 
     def choose(self, values, feasible, rows, remaining, rule, generator):
-        if rule == "greedy":
-            local = int(torch.argmax(values))  # -inf where infeasible; first max: lowest index
+        if rule == "greedy":  # -inf where infeasible; the first max: the lowest index
+            local = int(values.numpy().argmax() if _host_views(values) else torch.argmax(values))
         else:
             cand_vals, cand_idx, cand_dom = rrg_shortlist(values, feasible, rows.domains, remaining)
             local = int(rrg_pick(cand_vals, cand_idx, cand_dom, remaining, generator))
@@ -609,6 +789,7 @@ class _Refit:
         self.a = np.zeros(k)
         self.Q = np.zeros((k, k))
         self.w = np.zeros(k)
+        self.z = np.zeros(k)  # signed refit: the forward solution L z = a_S, grown per pick
         self.m = 0
         self.nonneg, self.unit = nonneg, unit
         self.factor = _CholeskyFactor(k)
@@ -625,9 +806,17 @@ class _Refit:
         if self.unit:
             self.w[m] = 1.0
         elif not self.nonneg:
-            if self.factor.add(q_sel[self.passive], q_jj):
-                self.passive.append(m)
-                self.w[self.passive] = self.factor.solve(self.a[self.passive])
+            P = self.passive
+            every = len(P) == m  # no dependent pick so far: P = 0..m-1, slices instead of lists
+            if self.factor.add(q_sel if every else q_sel[P], q_jj):
+                P.append(m)
+                if every:
+                    # L z = a_S grows by one entry (L's new row), then one backward solve
+                    L, z = self.factor.L, self.z
+                    z[m] = (a_j - float(L[m, :m] @ z[:m])) / L[m, m]
+                    self.w[:m + 1] = _backward(L[:m + 1, :m + 1], z[:m + 1])
+                else:
+                    self.w[P] = self.factor.solve(self.a[P])
             else:
                 self.degenerate += 1
         else:
@@ -728,10 +917,15 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
     n = len(rows)
     k = int(budgets.sum())
     remaining = budgets.clone()
+    left = budgets.tolist()  # the same, as Python ints for the loop's checks
     # 0 where a candidate is feasible, -inf where it is selected or its domain's budget is spent
     penalty = torch.zeros(n, dtype=rows.linear.dtype, device=rows.linear.device)
-    penalty[remaining[rows.domains] <= 0] = -math.inf
-    q_cols = torch.empty(n, k, dtype=rows.linear.dtype, device=rows.linear.device)  # Q[rows, S]
+    feasible = remaining[rows.domains] > 0
+    penalty[~feasible] = -math.inf
+    host = None
+    dtype = rows.linear.dtype
+    fast_choice = type(chooser) is LocalChooser and rule == "greedy"
+    held = ResidualProduct(rows.diagonal(), k)  # Q[rows, S], exact-sum products
     refit = _Refit(k, nonneg, unit=unit_weights)
     picks, pick_dom = [], []
     base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
@@ -740,31 +934,55 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
         total = chooser.pool_rows(rows)
         noise = gumbel_noise(total, generator)[rows.offset: rows.offset + n].to(base.device)
         first = base.abs() if not nonneg and not unit_weights else base
-        sigma = chooser.spread(torch.where(penalty == 0, first.double(), -math.inf))
+        sigma = chooser.spread(torch.where(feasible, first.double(), -math.inf))
         inv_tau = 1.0 / (temperature * sigma) if sigma > 0 else 0.0
         rule = "greedy"  # the chooser takes the argmax of the perturbed values
+    elif _host_views(penalty):  # numpy views of the loop's vectors (same memory)
+        host = (penalty.numpy(), feasible.numpy(), remaining.numpy(),
+                np.empty(n, dtype=penalty.numpy().dtype), base.detach().numpy())
     for t in range(k):
-        if t == 0:
-            values = base
+        if host is not None:  # the same arithmetic through numpy views: lower call overhead
+            vals = host[3]
+            if t == 0:
+                vals[:] = host[4]
+            else:
+                np.subtract(host[4], held.product_host(refit.w[:t]).astype(vals.dtype, copy=False), out=vals)
+            if not nonneg and not unit_weights:
+                np.abs(vals, out=vals)
+            vals += host[0]  # infeasible -> -inf
+            values = None if fast_choice else torch.from_numpy(vals)
         else:
-            w_dev = torch.from_numpy(refit.w[:t]).to(q_cols.dtype).to(q_cols.device)
-            values = base - row_dots(q_cols[:, :t], w_dev)
-        if not nonneg and not unit_weights:
-            values = values.abs()
-        if noise is not None:
-            values = values.double() * inv_tau + noise
-        values = values + penalty  # infeasible -> -inf
-        payload, index = chooser.choose(values, penalty == 0, rows, remaining, rule, generator)
+            values = base if t == 0 else base - held.product(refit.w[:t]).to(dtype)
+            if not nonneg and not unit_weights:
+                values = values.abs()
+            if noise is not None:
+                values = values.double() * inv_tau + noise
+            values = values + penalty  # infeasible -> -inf
+        if host is not None and fast_choice:  # LocalChooser's greedy rule, without the tensors
+            local = int(vals.argmax())
+            payload, index = rows.pick_payload(local), local + rows.offset
+        else:
+            payload, index = chooser.choose(values, feasible, rows, remaining, rule, generator)
         a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)
-        q_cols[:, t] = rows.column(payload, index)
+        held.append(rows.column(payload, index), q_jj)
         local = index - rows.offset
         if 0 <= local < n:
-            penalty[local] = -math.inf
+            if host is not None:  # numpy views of the same memory: cheaper than tensor indexing
+                host[0][local], host[1][local] = -math.inf, False
+            else:
+                penalty[local] = -math.inf
+                feasible[local] = False
         picks.append(index)
         pick_dom.append(dom)
-        remaining[dom] -= 1
-        if remaining[dom] == 0:
-            penalty[rows.domains == dom] = -math.inf
+        if host is not None:
+            host[2][dom] -= 1
+        else:
+            remaining[dom] -= 1
+        left[dom] -= 1
+        if left[dom] == 0:
+            spent = rows.domains == dom
+            penalty[spent] = -math.inf
+            feasible[spent] = False
         refit.add(a_j, q_sel, q_jj)
 
     indices = torch.tensor(picks, dtype=torch.int64)

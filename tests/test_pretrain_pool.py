@@ -506,3 +506,72 @@ def test_sigterm_during_a_build_leaves_nothing(corpus, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == 128 + 15, proc.stderr.read()[-2000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+@pytest.mark.parametrize("keep_tail", [False, True])
+@pytest.mark.parametrize("flush", [31, 32, 100, 1000])
+def test_streamed_windows_equal_packing_the_whole_stream(tmp_path, keep_tail, flush):
+    """WindowPacker, fed document by document and flushing every ``flush`` tokens, writes the
+    windows pack_windows cuts from the whole stream, with the same lengths and dropped count."""
+    rng = np.random.default_rng(flush + keep_tail)
+    for trial in range(6):
+        docs = [rng.integers(0, 500, int(rng.integers(1, 90))).astype(np.uint16) for _ in range(int(rng.integers(0, 12)))]
+        stream = np.concatenate(docs) if docs else np.zeros(0, np.uint16)
+        tokens, lengths, dropped = pf.pack_windows(stream, S, keep_tail)
+        packer = pf.WindowPacker(S, keep_tail, tmp_path / f"w{trial}", np.uint16, flush_tokens=flush)
+        for d in docs:
+            packer.add(d)
+        got_lengths, stream_tokens, got_dropped = packer.finish()
+        assert np.array_equal(np.fromfile(tmp_path / f"w{trial}", np.uint16), tokens), trial
+        assert np.array_equal(got_lengths, lengths) and got_dropped == dropped, trial
+        assert stream_tokens == len(stream)
+
+
+def _long_text(chars: int) -> str:
+    docs = real_documents(per_domain=60)
+    text = "\n".join(d["text"] for d in docs)
+    return (text * (chars // len(text) + 1))[:chars]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_long_text_in_pieces_gives_the_ids_of_the_whole(corpus, flat):
+    """text_pieces cuts only at token boundaries: the pieces' ids, concatenated, are the whole
+    text's ids (the tiny BPE here; SmolLM2's tokenizer when it is fetched), also for a text
+    with no newline at all."""
+    from ds_partitionsel.pool_builder import text_pieces
+
+    text = _long_text(60_000)
+    if flat:
+        text = text.replace("\n", " ")
+    toks = [corpus["tokenizer"]]
+    smol = REPO / ".cache" / "models" / "smollm2-135m"
+    if (smol / "tokenizer.json").is_file():
+        toks.append(pf.load_tokenizer(smol))
+    for tok in toks:
+        encode = pf.batch_encoder(tok)
+        pieces = text_pieces(text, encode, limit=5_000)
+        assert "".join(pieces) == text and len(pieces) >= 12
+        assert max(len(p) for p in pieces) <= 5_000
+        ids = [i for p_ids in encode(pieces) for i in p_ids]
+        assert ids == list(encode([text])[0])
+
+
+def test_a_long_document_builds_the_same_pool_in_pieces(corpus, tmp_path, monkeypatch):
+    """A document longer than LONG_TEXT_CHARS is tokenized in pieces: the pool is byte for byte
+    the one built with the document whole."""
+    from ds_partitionsel import pool_builder
+
+    long_doc = {"text": _long_text(40_000), "domain": "code"}
+    train = write_jsonl(tmp_path / "train.jsonl", corpus["train_docs"][:20] + [long_doc] + corpus["train_docs"][20:])
+    args = ("--train", train, "--valid", corpus["valid"], "--text-field", "text", "--pack", S)
+    assert run(corpus, tmp_path / "whole", *args) == 0
+    calls = []
+    real = pool_builder.text_pieces
+    monkeypatch.setattr(pool_builder, "text_pieces",
+                        lambda text, encode: calls.append(len(text)) or real(text, encode, limit=3_000))
+    assert run(corpus, tmp_path / "pieces", *args) == 0
+    assert max(calls) == 40_000  # the long document went through the piecewise path
+    assert tree_bytes(tmp_path / "pieces") == tree_bytes(tmp_path / "whole")

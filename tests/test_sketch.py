@@ -453,3 +453,45 @@ def test_zero3_two_ranks_sketches_match_and_training_is_unchanged():
     # the projections need no communication: the same rows give the same sketch on every rank
     np.testing.assert_array_equal(results[0]["kron"], results[1]["kron"])
     assert not np.allclose(results[0]["exact"], results[1]["exact"])  # different shards
+
+
+# ----------------------------------------------------------------------- streamed Gram
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mode", ["exact", "kron"])
+def test_sketch_gram_streams_the_gram_and_scores_of_the_features(mode, normalize, tmp_path):
+    """sketch_gram never holds the features, yet gives the Gram and the scores of sketch()'s
+    rows (float rounding apart), for any micro-batch size, with a row that has no label."""
+    model = tiny_llama(3)
+    ids, attn, loss, _ = padded_batch(seed=4, n=7, T=12)
+    loss[5] = False  # a row without any label: a zero row
+    sk = GradientSketcher(model, modules=2, mode=mode, normalize=normalize, dtype=torch.float64)
+    raw = GradientSketcher(model, modules=2, mode=mode, normalize=False, dtype=torch.float64)
+    target = torch.randn(sk.feature_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for batch in (None, 3, 1):  # the forward's rounding depends on the micro-batch: compare like with like
+        with pytest.warns(RuntimeWarning):
+            feats, losses = sk.sketch(ids, attn, loss, return_losses=True, batch_size=batch)
+            unnormalized = raw.sketch(ids, attn, loss, batch_size=batch)
+        norms = unnormalized.norm(dim=1).clamp(min=1e-300)
+        want_scores = unnormalized @ target / (norms if normalize else 1.0)
+        with pytest.warns(RuntimeWarning):
+            gram, scores, got_losses = sk.sketch_gram(ids, attn, loss, target=target, batch_size=batch,
+                                                      spill_dir=str(tmp_path))
+        torch.testing.assert_close(gram, feats @ feats.T, rtol=1e-9, atol=1e-12)
+        assert torch.equal(gram, gram.T)  # symmetric bit for bit
+        torch.testing.assert_close(scores, want_scores, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got_losses, losses)
+        assert not gram[5].any() and float(scores[5]) == 0.0
+        assert not any(tmp_path.iterdir())  # the spilled blocks are gone
+
+
+def test_sketch_gram_bad_input():
+    sk = GradientSketcher(tiny_llama(0), modules=1)
+    ids, attn, loss, _ = padded_batch(n=3)
+    with pytest.raises(ValueError, match=r"target must have shape"):
+        sk.sketch_gram(ids, attn, loss, target=torch.zeros(3))
+    with pytest.raises(ValueError, match="batch_size"):
+        sk.sketch_gram(ids, attn, loss, batch_size=0)
+    with pytest.raises(ValueError, match="dim=None"):
+        GradientSketcher(tiny_llama(0), modules=1, dim=16).sketch_gram(ids, attn, loss)

@@ -360,3 +360,75 @@ def test_row_dots_of_a_row_do_not_depend_on_the_other_rows(dtype, p):
     ref = rows.double() @ vec.double()
     assert torch.allclose(full.double(), ref, rtol=1e-4 if dtype == torch.float32 else 1e-12,
                           atol=1e-3 if dtype == torch.float32 else 1e-9)
+
+
+def _held(quadratic, picks, lo=0, hi=None):
+    from ds_partitionsel.solver import ResidualProduct
+
+    hi = quadratic.shape[0] if hi is None else hi
+    held = ResidualProduct(torch.diagonal(quadratic)[lo:hi], len(picks))
+    for j in picks:
+        held.append(quadratic[lo:hi, j], float(quadratic[j, j]))
+    return held
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_residual_product_is_exact_sums_the_same_for_any_row_split_and_thread_count(k):
+    """The O(n k) product of a pick: every row's value is the same bits whether its rows are
+    held alone, in a shard, or all together, at any thread count (the sums BLAS sees are exact,
+    so no blocking or instruction set can change them); and it is as accurate as float64."""
+    gen = torch.Generator().manual_seed(k)
+    n = 400
+    feats = torch.randn(n, 64, generator=gen, dtype=torch.float64) * torch.rand(n, 1, generator=gen, dtype=torch.float64) * 3
+    quadratic = feats @ feats.T
+    picks = torch.randperm(n, generator=gen)[:k].tolist()
+    w = (torch.rand(k, generator=gen, dtype=torch.float64) - 0.3).numpy() * 10.0 ** float(torch.randint(-6, 6, (1,), generator=gen))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full = _held(quadratic, picks).product(w)
+            outs.append(full)
+            for lo, hi in [(0, 1), (n - 1, n), (3, 7), (2, n), (0, n // 2 + 1)]:
+                assert torch.equal(_held(quadratic, picks, lo, hi).product(w), full[lo:hi]), (threads, lo, hi)
+        assert torch.equal(outs[0], outs[1])
+    finally:
+        torch.set_num_threads(before)
+    ref = quadratic[:, picks] @ torch.from_numpy(w)
+    bound = quadratic.diagonal().sqrt() * (quadratic.diagonal()[picks].sqrt() * torch.from_numpy(np.abs(w))).sum()
+    assert ((outs[0] - ref).abs() <= 1e-7 * bound + 1e-300).all()
+    assert torch.allclose(outs[0], ref, rtol=1e-6, atol=1e-6 * float(bound.max()))
+
+
+def test_residual_product_widens_rows_where_the_quadratic_is_not_psd():
+    """|Q_ij| > sqrt(Q_ii Q_jj) (not PSD): the row's scale grows; values stay close, and a
+    row's value still does not depend on the other rows."""
+    gen = torch.Generator().manual_seed(3)
+    n = 50
+    quadratic = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    quadratic = (quadratic + quadratic.T) / 2
+    quadratic.diagonal().copy_(torch.rand(n, generator=gen, dtype=torch.float64) * 1e-3)  # tiny diagonal
+    picks = [4, 9, 17, 30]
+    w = np.array([0.5, -1.0, 2.0, 0.25])
+    full = _held(quadratic, picks).product(w)
+    assert torch.allclose(full, quadratic[:, picks] @ torch.from_numpy(w), rtol=1e-6, atol=1e-7)
+    assert torch.equal(_held(quadratic, picks, 10, 33).product(w), full[10:33])
+
+
+@pytest.mark.parametrize("nonneg", [True, False])
+def test_tensor_path_of_the_loop_gives_the_bits_of_the_numpy_path(monkeypatch, nonneg):
+    """Off the CPU the loop runs on tensors; on the CPU through numpy views. Both do the same
+    arithmetic in the same order: forcing the tensor path here must not change one bit."""
+    import ds_partitionsel.solver as solver
+
+    feats, target, domains, linear, quadratic = _random_problem(300, 40, 4, 5)
+    budgets = allocate_budgets(torch.bincount(domains, minlength=4), 40)
+    host = partition_omp(linear, quadratic, domains, budgets, nonneg=nonneg)
+    host_f = select("partitionsel", feats.float(), domains, target.float(), budgets)
+    monkeypatch.setattr(solver, "HOST_VIEWS", False)
+    tensor = partition_omp(linear, quadratic, domains, budgets, nonneg=nonneg)
+    tensor_f = select("partitionsel", feats.float(), domains, target.float(), budgets)
+    for a, b in ((host, tensor), (host_f, tensor_f)):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+        assert a.utility == b.utility

@@ -461,3 +461,37 @@ def test_smollm2_conversion_and_demo_pool(wheels, tmp_path, capsys):
         item = pool[i]
         if not pool.truncated[i]:
             assert tok.decode(item["input_ids"][item["loss_mask"]].tolist()) == recs[i]["response"] + "<|im_end|>\n"
+
+
+# ----------------------------------------------------------------------------- benchmark inputs
+
+def test_benchmarks_refuse_a_missing_named_pool_in_one_line_before_any_rank(tmp_path):
+    """A pool the caller named that does not exist: one line naming the command that builds the
+    default, from the parent process (no deepspeed launch)."""
+    missing = tmp_path / "no_pool"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    for tool in ("bench_step.py", "bench_proxy.py"):
+        proc = subprocess.run([sys.executable, f"tools/{tool}", "--pool", str(missing), "--out",
+                               str(tmp_path / "x.json")], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        if "model folder" in proc.stderr:
+            pytest.skip("the demo model is not fetched here (tools/fetch_demo_data.py --model-only)")
+        assert proc.returncode != 0, tool
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"pool {missing} not found" in last and "tools/build_pool.py" in last, (tool, proc.stderr[-2000:])
+        assert "deepspeed" not in proc.stderr.lower() and "Traceback" not in proc.stderr, tool
+
+
+def test_default_demo_pool_is_built_on_first_use(tmp_path, monkeypatch):
+    """bench_inputs builds the default pool where it is missing, with the demo data and model."""
+    bench_inputs = load_tool("bench_inputs")
+    if not (bench_inputs.MODEL / "config.json").is_file():
+        pytest.skip("the demo model is not fetched here (tools/fetch_demo_data.py --model-only)")
+    bench_inputs.ensure_demo_data()
+    monkeypatch.setattr(bench_inputs, "CACHE", tmp_path)  # the pool goes to a fresh cache
+    monkeypatch.setattr(bench_inputs, "demo_pool_path", lambda max_length=256: tmp_path / "pools" / f"demo{max_length}")
+    pool = bench_inputs.ensure_demo_pool(max_length=128)
+    assert pool == tmp_path / "pools" / "demo128"
+    manifest = pf.read_manifest(pool)
+    assert manifest["max_length"] == 128 and set(manifest["splits"]) == {"train", "valid"}
+    assert bench_inputs.ensure_demo_pool(pool, max_length=128) == pool  # present: reused as is

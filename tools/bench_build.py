@@ -14,6 +14,12 @@ For each corpus size (``--sizes-mb``, default 100 and 1000 MB of jsonl) the same
 
 and reports, side by side, build / tokenizer throughput (target >= 0.70) and the peak RSS of
 the largest corpus over the smallest (target <= 1.2: memory must not grow with the corpus).
+
+First (``--repeats 1 8``), the memory target as stated for pools: a packed build (``--pack``,
+a ``--valid`` file) of the real documents once and repeated 8 times over, as many small
+documents (the records and source files) and as few large ones (each domain joined into
+~500 KB documents), with one worker and under ``mpiexec -n --mpi-workers``: peak RSS of the
+8x build / the 1x build, target <= 1.2 for every case. ``--memory-only`` skips the rest.
 Throughput is given per wall-clock second and per CPU second (user + system, of the build's
 processes; of the tokenizer loop); the ratio judged against the target is the CPU one, because
 on a shared machine the two sides of a wall-clock ratio run under different loads.
@@ -24,6 +30,7 @@ until the size is reached. Prints a table, writes JSON (``--out``).
 
     python tools/bench_build.py --out runs/bench_build.json                 # 100 MB and 1 GB
     python tools/bench_build.py --sizes-mb 10 50 --out runs/bench_build_quick.json
+    python tools/bench_build.py --memory-only --out runs/bench_build_memory.json  # the 1x/8x target
 """
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ sys.path.insert(0, str(REPO))
 from ds_partitionsel import pool_format as pf  # noqa: E402
 from ds_partitionsel.pool_builder import TEXT_BATCH_CHARS  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tools"))
+from bench_inputs import ensure_demo_data, ensure_model  # noqa: E402
+
 TARGET_THROUGHPUT = 0.70
 TARGET_RSS = 1.2
 
@@ -50,9 +60,7 @@ TARGET_RSS = 1.2
 def real_documents() -> list:
     """Real documents ``{"text", "domain"}``: the demo records and the stdlib's .py sources."""
     docs = []
-    demo = REPO / ".cache" / "demo_data" / "train.jsonl"
-    if not demo.is_file():
-        raise SystemExit(f"{demo} not found: run python tools/fetch_demo_data.py first")
+    demo = ensure_demo_data() / "train.jsonl"  # generated on first use
     for line in open(demo, encoding="utf-8"):
         rec = json.loads(line)
         docs.append({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]})
@@ -120,10 +128,70 @@ sys.exit(r.returncode)
 """
 
 
-def run_build(tok_path: str, corpus: Path, out: Path, workers: int, pack: int) -> dict:
-    """Build the pool in a fresh process (under mpiexec when workers > 1); wall time and peak RSS."""
+def large_documents(docs: list, chars: int = 500_000) -> list:
+    """The same text as few large documents: each domain's documents joined into ~``chars``."""
+    by_domain, out = {}, []
+    for d in docs:
+        by_domain.setdefault(d["domain"], []).append(d["text"])
+    for domain, texts in sorted(by_domain.items()):
+        cur, size = [], 0
+        for t in texts:
+            cur.append(t)
+            size += len(t)
+            if size >= chars:
+                out.append({"text": "\n".join(cur), "domain": domain})
+                cur, size = [], 0
+        if cur:
+            out.append({"text": "\n".join(cur), "domain": domain})
+    return out
+
+
+def write_repeated(path: Path, docs: list, times: int) -> Path:
+    """``docs`` written ``times`` times over into a jsonl file (reused when already there)."""
+    lines = [(json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8") for d in docs]
+    if path.is_file() and path.stat().st_size == times * sum(map(len, lines)):
+        return path
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for _ in range(times):
+            f.writelines(lines)
+    os.replace(tmp, path)
+    return path
+
+
+def memory_cases(args, work: Path, docs: list) -> list:
+    """Peak RSS of a packed build with a --valid file, the corpus once and repeated
+    ``max(args.repeats)`` times, for many small and for few large documents, one worker and
+    ``--mpi-workers``; each 8x/1x ratio against TARGET_RSS."""
+    valid_docs = [d for i, d in enumerate(docs) if i % 20 == 0]
+    valid = write_repeated(work / "mem_valid.jsonl", valid_docs, 1)
+    shapes = {"small": docs, "large": large_documents(docs)}
+    rows = []
+    for shape, shape_docs in shapes.items():
+        for workers in sorted({1, args.mpi_workers}):
+            peaks = {}
+            for times in args.repeats:
+                corpus = write_repeated(work / f"mem_{shape}_{times}x.jsonl", shape_docs, times)
+                print(f"[memory] {shape} documents x{times}, {workers} worker(s) ...", file=sys.stderr, flush=True)
+                build = run_build(args.tokenizer, corpus, work / "mem_pool", workers, args.pack, valid=valid)
+                peaks[times] = build
+            lo, hi = min(args.repeats), max(args.repeats)
+            ratio = peaks[hi]["peak_rss_mb"] / peaks[lo]["peak_rss_mb"]
+            rows.append({"shape": shape, "documents": len(shape_docs), "workers": workers,
+                         "builds": {str(t): b for t, b in peaks.items()}, "repeat_low": lo, "repeat_high": hi,
+                         "rss_ratio": ratio, "met": ratio <= TARGET_RSS})
+    import shutil
+
+    shutil.rmtree(work / "mem_pool", ignore_errors=True)
+    return rows
+
+
+def run_build(tok_path: str, corpus: Path, out: Path, workers: int, pack: int, valid: Path | None = None) -> dict:
+    """Build the pool in a fresh process (under mpiexec when workers > 1); wall time and peak RSS
+    (the largest process). ``valid``: a --valid file instead of --valid-fraction 0.05."""
+    held = ["--valid", str(valid)] if valid else ["--valid-fraction", "0.05"]
     cmd = [sys.executable, str(REPO / "tools" / "build_pool.py"), "--tokenizer", tok_path, "--train", str(corpus),
-           "--text-field", "text", "--pack", str(pack), "--valid-fraction", "0.05", "--out", str(out),
+           "--text-field", "text", "--pack", str(pack), *held, "--out", str(out),
            "--overwrite", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO))
@@ -159,13 +227,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_build"), help="corpora and pools go here")
     ap.add_argument("--keep", action="store_true", help="keep the corpora and pools (default: delete pools)")
     ap.add_argument("--out", default="runs/bench_build.json")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[1, 8],
+                    help="memory target: the corpus once and this many times over (peak RSS ratio <= 1.2)")
+    ap.add_argument("--mpi-workers", type=int, default=2, help="the memory target under mpiexec -n W too")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory target, not the throughput one")
     args = ap.parse_args(argv)
+    ensure_model(args.tokenizer)  # the default tokenizer is fetched on first use
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     docs = real_documents()
+    memory = memory_cases(args, work, docs) if len(args.repeats) > 1 else []
     rows = []
-    for size in sorted(args.sizes_mb):
+    for size in ([] if args.memory_only else sorted(args.sizes_mb)):
         print(f"[{size:g} MB] writing the corpus ...", file=sys.stderr, flush=True)
         corpus = make_corpus(work / f"corpus_{size:g}mb.jsonl", size, docs)
         print(f"[{size:g} MB] tokenizer baseline on {min(size, args.baseline_mb):g} MB ...", file=sys.stderr,
@@ -185,6 +259,27 @@ def main(argv=None) -> int:
         print(f"[{size:g} MB] {build['tokens']} tokens in {build['seconds']:.1f} s, "
               f"ratio {row['throughput_ratio']:.2f}, peak RSS {build['peak_rss_mb']:.0f} MB", file=sys.stderr,
               flush=True)
+    if memory:
+        lo, hi = memory[0]["repeat_low"], memory[0]["repeat_high"]
+        head = f"{'documents':>10s} {'count':>6s} {'workers':>7s} {f'peak MB x{lo}':>11s} {f'peak MB x{hi}':>11s} {'ratio':>6s}"
+        print(head)
+        print("-" * len(head))
+        for m in memory:
+            b = m["builds"]
+            print(f"{m['shape']:>10s} {m['documents']:6d} {m['workers']:7d} {b[str(lo)]['peak_rss_mb']:11.0f} "
+                  f"{b[str(hi)]['peak_rss_mb']:11.0f} {m['rss_ratio']:6.2f}")
+        worst_mem = max(m["rss_ratio"] for m in memory)
+        print(f"\nmemory: peak RSS, corpus x{hi} / x{lo} (--pack {args.pack}, a --valid file) = {worst_mem:.2f} at "
+              f"worst (target <= {TARGET_RSS}): {'met' if worst_mem <= TARGET_RSS else 'NOT met'}\n")
+    if not rows:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump({"meta": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "pack": args.pack,
+                                "command": sys.argv}, "memory": memory,
+                       "targets": {"rss_ratio": TARGET_RSS}}, fh, indent=2)
+        print(f"wrote {out}")
+        return 0
     rss_ratio = rows[-1]["build"]["peak_rss_mb"] / rows[0]["build"]["peak_rss_mb"] if len(rows) > 1 else None
     head = (f"{'corpus':>8s} {'docs':>9s} {'tokens':>12s} {'shards':>6s} {'build s':>8s} {'build tok/s/w':>13s} "
             f"{'tokenizer tok/s':>15s} {'wall ratio':>10s} {'build tok/cpu-s':>15s} {'tokenizer tok/cpu-s':>19s} "
@@ -208,7 +303,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:
-        json.dump({"meta": meta, "results": rows, "min_throughput_ratio": worst, "rss_ratio": rss_ratio,
+        json.dump({"meta": meta, "results": rows, "memory": memory, "min_throughput_ratio": worst, "rss_ratio": rss_ratio,
                    "targets": {"throughput_ratio": TARGET_THROUGHPUT, "rss_ratio": TARGET_RSS}}, fh, indent=2)
     print(f"wrote {out}")
     return 0

@@ -103,10 +103,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "runs/bench_proxy.json"))
     args = ap.parse_args(argv)
-    if not Path(args.model).exists():
-        sys.exit(f"model folder {args.model} not found: run `python tools/fetch_demo_data.py --model-only`")
-    if not (Path(args.pool) / "manifest.json").exists():
-        sys.exit(f"pool {args.pool} not found: build it with tools/build_pool.py (README, Offline tools)")
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_inputs import ensure_demo_pool, ensure_model  # built on first use
+
+    ensure_model(args.model)
+    ensure_demo_pool(args.pool)
 
     import torch
     import transformers

@@ -34,6 +34,9 @@ sys.path.insert(0, REPO)
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from bench_inputs import ensure_demo_pool, ensure_model  # noqa: E402
+
 
 
 
@@ -225,6 +228,9 @@ def main():
     if args.worker:
         return worker(args)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    # the inputs exist before any rank starts (built on first use: bench_inputs)
+    ensure_model(args.model)
+    ensure_demo_pool(args.pool)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.ranks),
