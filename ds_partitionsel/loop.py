@@ -120,17 +120,20 @@ class TrainStep:
         self._losses.append(float(loss.detach()))
         return loss
 
-    def finish(self, lr: float) -> StepRecord:
-        """Close the step in progress: the train loss averaged over ranks, the proxy's step, the
-        record into the sink and listeners, the evaluation when due. Returns the record."""
+    def finish(self, lr: float, train_loss: Optional[float] = None) -> StepRecord:
+        """Close the step in progress: the train loss averaged over ranks (or ``train_loss``, for
+        a loop whose framework computes the loss itself), the proxy's step, the record into the
+        sink and listeners, the evaluation when due. Returns the record."""
         selection, selector = self.selection, self.selector
         if selection is None:
             raise RuntimeError("TrainStep.finish without begin: no step in progress")
         time_train = time.perf_counter() - self._start
-        local = torch.tensor(sum(self._losses) / max(len(self._losses), 1), dtype=torch.float64)
-        total = selector.comm(selection.step, "training").all_reduce(local, "sum", "all-reduce of the train loss")
+        if train_loss is None:
+            local = torch.tensor(sum(self._losses) / max(len(self._losses), 1), dtype=torch.float64)
+            total = selector.comm(selection.step, "training").all_reduce(local, "sum", "all-reduce of the train loss")
+            train_loss = float(total) / selector.world
         proxy_loss = selector.after_step(selection)
-        record = step_record(selection, train_loss=float(total) / selector.world, lr=lr,
+        record = step_record(selection, train_loss=train_loss, lr=lr,
                              pool_size=selector.pool_size, time_train=time_train,
                              log_conflicts=self.logs_at(selection.step), proxy_loss=proxy_loss)
         self.selection, self._losses = None, []
