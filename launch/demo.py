@@ -17,7 +17,6 @@ Everything it fetches or builds goes under ``--cache`` (default ``.cache/``), cr
 a fresh clone runs it as it is.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,23 +24,20 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-sys.path.insert(0, REPO)
+sys.path.insert(0, REPO)  # the package, uninstalled
 
+from ds_partitionsel.cli import report_run, run_command  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
 
 def run(cmd, **kw):
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, **kw)
-
-
+    run_command(cmd, REPO, **kw)
 
 
 def main():
-    if "--pretrain" in sys.argv[1:]:  # the pretraining demo has its own options
-        from pretrain_demo import main as pretrain_main
-
-        return pretrain_main([a for a in sys.argv[1:] if a != "--pretrain"])
+    if "--pretrain" in sys.argv[1:]:  # the pretraining demo has its own options (and script)
+        rest = [a for a in sys.argv[1:] if a != "--pretrain"]
+        return subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain_demo.py"), *rest]).returncode
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrain", action="store_true",
                     help="the pretraining demo instead (python launch/pretrain_demo.py --help for its options)")
@@ -77,27 +73,9 @@ def main():
          "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=3",
          "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
          "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
-    summary = report(args.out, "demo", "from pools of {pool_size}")
+    summary = report_run(REPO, args.out, "demo", "from pools of {pool_size}")
     print(f"conflicting pairs per batch (mean): {summary['mean_conflicting_pairs']}")
 
 
-def report(out: str, title: str, batch_detail: str) -> dict:
-    """Plot the run in ``out`` (tools/analyze_run.py) and print its summary: held-out loss per
-    domain before -> after, the selected mix. ``batch_detail`` is formatted with the summary."""
-    run([sys.executable, "tools/analyze_run.py", out, "--out", os.path.join(out, "report")])
-    with open(os.path.join(REPO, out, "summary.json")) as fh:
-        summary = json.load(fh)
-    print(f"\n=== {title} summary ===")
-    print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
-          f"batch {summary['batch_size']} " + batch_detail.format(**summary))
-    start, end = summary["eval_loss_start"], summary["eval_loss"]
-    print("held-out loss per domain, before -> after training:")
-    for name in end:
-        print(f"  {name:>10}: {start[name]:.4f} -> {end[name]:.4f}")
-    print(f"selected domain mix: {summary['selected_domain_mix']}")
-    print(f"plots and summary table: {os.path.join(out, 'report')}")
-    return summary
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,59 +15,21 @@ scratch with PartitionSel on 2 ranks, on packed windows of real multi-domain tex
     python launch/demo.py --pretrain [--steps 60] [--pack 128] [--method partitionsel] [--out runs/pretrain_demo]
 """
 import argparse
-import json
 import os
 import shutil
 import sys
-import sysconfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+sys.path.insert(0, REPO)  # the package, uninstalled
 
-from demo import BIN, REPO, report, run  # noqa: E402  (the demo's paths, runner and report)
-
+from ds_partitionsel.cli import report_run, run_command  # noqa: E402
+from ds_partitionsel.corpus import train_tokenizer, write_corpus  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
 
-def write_corpus(data_dir: str, path: str) -> dict:
-    """Raw-text corpus jsonl ``{"text", "domain"}``: demo records as documents + stdlib sources."""
-    counts = {}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for split in ("train", "valid"):
-            for line in open(os.path.join(data_dir, f"{split}.jsonl"), encoding="utf-8"):
-                rec = json.loads(line)
-                out.write(json.dumps({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]},
-                                     ensure_ascii=False) + "\n")
-                counts[rec["domain"]] = counts.get(rec["domain"], 0) + 1
-        stdlib = sysconfig.get_paths()["stdlib"]
-        for name in sorted(os.listdir(stdlib)):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(stdlib, name), encoding="utf-8", errors="ignore") as fh:
-                text = fh.read()
-            if text.strip() and len(text) <= 200_000:
-                out.write(json.dumps({"text": text, "domain": "python"}, ensure_ascii=False) + "\n")
-                counts["python"] = counts.get("python", 0) + 1
-    os.replace(tmp, path)
-    return counts
-
-
-def train_tokenizer(corpus: str, out_dir: str, vocab_size: int) -> None:
-    """Byte-level BPE trained on the corpus, saved as a Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    def texts():
-        for line in open(corpus, encoding="utf-8"):
-            yield json.loads(line)["text"]
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts(), trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>").save_pretrained(out_dir)
+def run(cmd, **kw):
+    run_command(cmd, REPO, **kw)
 
 
 def main(argv=None):
@@ -109,8 +71,8 @@ def main(argv=None):
          "--tokenizer", tok, "--pool", pool, "--deepspeed_config", args.config, "--steps", str(args.steps),
          "--method", args.method, "--lr", str(args.lr), "--set", "eval_interval=10", "--set", "eval_samples=64",
          "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
-    report(args.out, "pretraining demo", f"windows of {args.pack} tokens from pools of {{pool_size}}; "
-                                          f"tiny Llama from scratch, vocabulary {args.vocab}")
+    report_run(REPO, args.out, "pretraining demo", f"windows of {args.pack} tokens from pools of {{pool_size}}; "
+                                                 f"tiny Llama from scratch, vocabulary {args.vocab}")
 
 
 if __name__ == "__main__":

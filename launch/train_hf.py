@@ -14,21 +14,27 @@ weight decay, gradient clipping, bf16/fp16), so the two entry points train the s
 Trainer's ``checkpoint-N`` folder at the end; ``--resume DIR``
 continues from such a folder (``--resume last``: the newest one in ``--output-dir``).
 """
-import json
+import argparse
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from train import StepFailed, UsageError, build_model, check_vocabulary, load_config  # noqa: E402
-from train import main as train_main  # noqa: E402
-from train import finish, place_monitors, summarize  # noqa: E402
-
+from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, add_run_flags, build_model, check_pool_dir, check_vocabulary,  # noqa: E402
+                                 finish, load_config, load_tokenizer_and_pools, place_monitors, run_main,
+                                 summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_flags(ap)
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
+    add_run_flags(ap, resume_help="a checkpoint-N folder of an earlier run ('last': the newest one in "
+                                  "--output-dir); pickles: load only checkpoints you trust")
+    return ap.parse_args(argv)
 
 
 def training_arguments(cfg: dict, args, ps_cfg):
@@ -66,28 +72,17 @@ def train(args) -> int:
     if resume and resume != "last" and not os.path.isdir(resume):
         raise UsageError(f"--resume {resume}: no such checkpoint folder")
     check_run_dir(args.output_dir, resume=bool(resume))
-    if not os.path.isfile(os.path.join(args.pool, "manifest.json")):
-        raise UsageError(f"--pool {args.pool} is not a candidate pool (no manifest.json); build one with "
-                         f"python tools/build_pool.py")
+    check_pool_dir(args.pool)
     import torch
 
-    from ds_partitionsel.data import CandidatePool
     from ds_partitionsel.hf import PartitionSelTrainer
-    from ds_partitionsel.pool_format import load_tokenizer, read_manifest
-    from ds_partitionsel.records import read_metrics
-
     from ds_partitionsel.launch_env import init_distributed
+    from ds_partitionsel.records import read_metrics
 
     # before the Trainer does it: our timeout for every collective, no shm-op compile on CPU
     init_distributed(timeout_s=ps_cfg.timeout_s)
     torch.manual_seed(ps_cfg.seed)
-    tok_path = args.tokenizer or args.model or read_manifest(args.pool)["tokenizer"]["name_or_path"]
-    try:
-        tokenizer = load_tokenizer(tok_path)
-        pool = CandidatePool(args.pool, "train", tokenizer=tokenizer)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    valid = CandidatePool(args.pool, "valid")
+    tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
     targs = training_arguments(cfg, args, ps_cfg)
@@ -115,15 +110,13 @@ def train(args) -> int:
         summary = summarize([s.to_json() for s in steps], eval_loss, time.perf_counter() - t0, trainer.selector)
         summary["eval_loss_start"] = eval_start
         summary["trainer"] = "transformers.Trainer"
-        print(json.dumps(summary, indent=2))
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
+        write_summary(summary, args.output_dir)
     return finish(ps_cfg.timeout_s)
 
 
 def main(argv=None) -> int:
     """As ``launch/train.py``'s main (same flags, exit statuses and one-line errors)."""
-    return train_main(argv, train_fn=train)
+    return run_main(parse_args(argv), train)
 
 
 if __name__ == "__main__":

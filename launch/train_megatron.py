@@ -21,64 +21,43 @@ model, optimizer, selector state; at the end and every ``--save-interval`` steps
 continues one with the same pool, selection config and model shape.
 """
 import argparse
-import json
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the package, uninstalled
 
-from train import (StepFailed, UsageError, _count, _guarded, _positive_float, max_token_id, read_config,  # noqa: E402
-                   summarize)
-
+from ds_partitionsel.cli import (UsageError, add_run_flags, check_pool_dir, count_arg, guarded,  # noqa: E402
+                                 max_token_id, read_config, run_main, summarize, train_steps, write_summary)
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
-from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
+from ds_partitionsel.runs import check_run_dir  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "ds_configs", "megatron.json")
-CHECKPOINT_LATEST = "latest"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pool", required=True, help="pool directory from tools/build_pool.py")
-    ap.add_argument("--tp", type=_count("--tp", 1), default=1, help="tensor-parallel size (divides the world)")
-    ap.add_argument("--pp", type=_count("--pp", 1), default=1, help="pipeline-parallel size (only 1 is supported)")
+    ap.add_argument("--tp", type=count_arg("--tp", 1), default=1, help="tensor-parallel size (divides the world)")
+    ap.add_argument("--pp", type=count_arg("--pp", 1), default=1, help="pipeline-parallel size (only 1 is supported)")
     ap.add_argument("--sequence-parallel", action="store_true", help="(not supported: refused)")
     ap.add_argument("--config", "--deepspeed_config", "--deepspeed-config", dest="config", default=DEFAULT_CONFIG,
                     help="JSON config: batch sizes, optimizer params, gradient_clipping and the partitionsel block "
                          "(default ds_configs/megatron.json)")
     ap.add_argument("--tokenizer", help="tokenizer folder (default: the pool's)")
-    ap.add_argument("--num-layers", type=_count("--num-layers", 1), default=2)
-    ap.add_argument("--hidden-size", type=_count("--hidden-size", 1), default=64)
-    ap.add_argument("--num-heads", type=_count("--num-heads", 1), default=4)
-    ap.add_argument("--ffn-hidden-size", type=_count("--ffn-hidden-size", 1), default=None,
+    ap.add_argument("--num-layers", type=count_arg("--num-layers", 1), default=2)
+    ap.add_argument("--hidden-size", type=count_arg("--hidden-size", 1), default=64)
+    ap.add_argument("--num-heads", type=count_arg("--num-heads", 1), default=4)
+    ap.add_argument("--ffn-hidden-size", type=count_arg("--ffn-hidden-size", 1), default=None,
                     help="default 4 x hidden size")
-    ap.add_argument("--seq-length", type=_count("--seq-length", 2), default=None,
+    ap.add_argument("--seq-length", type=count_arg("--seq-length", 2), default=None,
                     help="positions of the model (default: the pool's max_length)")
-    ap.add_argument("--steps", type=_count("--steps", 0), default=10,
-                    help="train until this many steps (counted from the start of the run; 0: evaluate only)")
-    ap.add_argument("--lr", type=_positive_float, default=None, help="override the optimizer learning rate")
-    ap.add_argument("--method", default=None, help="override partitionsel.method")
-    ap.add_argument("--seed", type=_count("--seed", 0), default=None,
-                    help="override partitionsel.seed (and the model init)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a partitionsel key, e.g. --set pool_factor=4 --set sketch.mode=exact")
-    ap.add_argument("--output-dir", default=None, help="this run's directory: metrics.jsonl, summary.json, ranks/")
     ap.add_argument("--save-dir", default=None,
                     help="save a checkpoint here at the end (and every --save-interval steps)")
-    ap.add_argument("--save-interval", type=_count("--save-interval", 0), default=0,
+    ap.add_argument("--save-interval", type=count_arg("--save-interval", 0), default=0,
                     help="also save every N steps (0: only at the end)")
-    ap.add_argument("--resume", default=None,
-                    help="resume from a --save-dir of an earlier run (its latest checkpoint) or one of its "
-                         "global_step<N> folders (pickles: load only checkpoints you trust)")
-    ap.add_argument("--resume-allow-changes", action="store_true",
-                    help="resume even if the pool or the selection config differ from the checkpoint's")
-    ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
-    ap.add_argument("--eval-at-end", action="store_true", help="held-out loss per domain after the last step")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_run_flags(ap, resume_help="resume from a --save-dir of an earlier run (its latest checkpoint) or one of "
+                                  "its global_step<N> folders (pickles: load only checkpoints you trust)")
     return ap.parse_args(argv)
 
 
@@ -106,6 +85,8 @@ def load_config(args, dp: int):
 
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    from ds_partitionsel.megatron_loop import CHECKPOINT_LATEST, checkpoint_folder
+
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
@@ -114,42 +95,7 @@ def check_dirs(args):
             not (args.resume and os.path.samefile(args.save_dir, args.resume)):
         raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a new "
                          f"directory (or --resume from it to continue that run)")
-    if not os.path.isfile(os.path.join(args.pool, "manifest.json")):
-        raise UsageError(f"--pool {args.pool} is not a candidate pool (no manifest.json); build one with "
-                         f"python tools/build_pool.py")
-
-
-def checkpoint_folder(path: str) -> str:
-    """The checkpoint folder that ``--resume PATH`` names: ``PATH/<latest>`` for a --save-dir, or
-    ``PATH`` itself when it is one checkpoint (``global_step<N>``)."""
-    from ds_partitionsel.runs import RESUME_RECORD
-
-    latest = os.path.join(path, CHECKPOINT_LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as fh:
-            return os.path.join(path, fh.read().strip())
-    if os.path.isfile(os.path.join(path, RESUME_RECORD)):
-        return path
-    raise UsageError(f"--resume {path} holds no checkpoint (neither a '{CHECKPOINT_LATEST}' file nor "
-                     f"{RESUME_RECORD}); pass the --save-dir of an earlier run or one of its global_step<N> folders")
-
-
-def check_checkpoint_shape(path: str, shape: dict) -> dict:
-    """The checkpoint's resume record (plain JSON, read before anything is unpickled), if its
-    model has this run's shape (:func:`model_shape`); else :class:`UsageError` naming each difference."""
-    from ds_partitionsel.runs import read_resume_record
-
-    folder = checkpoint_folder(path)
-    saved = read_resume_record(os.path.dirname(folder), os.path.basename(folder))
-    if saved is None:
-        raise UsageError(f"--resume {path}: {folder} has no partitionsel_resume.json; it is not a checkpoint "
-                         f"of launch/train_megatron.py")
-    theirs = saved.get("megatron") or {}
-    diffs = [f"{k}: {theirs.get(k)} -> {v}" for k, v in shape.items() if theirs.get(k) != v]
-    if diffs:
-        raise UsageError(f"--resume {path}: the checkpoint's model differs from this run's ({'; '.join(diffs)}); "
-                         f"resume with the same --tp and model-size flags")
-    return saved
+    check_pool_dir(args.pool)
 
 
 def model_shape(args, vocab: int, seq_length: int) -> dict:
@@ -161,182 +107,7 @@ def model_shape(args, vocab: int, seq_length: int) -> dict:
 
 def main(argv=None) -> int:
     """Train; returns the exit status (2: a user error, one line; 1: a failed step, one line)."""
-    args = parse_args(argv)
-    from ds_partitionsel.launch_env import map_launcher_env
-    from ds_partitionsel.pool_format import PoolFormatError
-
-    map_launcher_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    where = f"[rank {rank}] " if world > 1 else ""
-    try:
-        return train(args, world)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
-        print(f"{where}error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except StepFailed as e:
-        print(f"{where}error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{where}interrupted", file=sys.stderr, flush=True)
-        return 130
-
-
-class MegatronTrainer:
-    """The loop around :class:`~ds_partitionsel.megatron.MegatronSelector` for one rank."""
-
-    def __init__(self, model, optimizer, selector, *, micro_batch: int, clip: float, sink, rank_log, device):
-        self.model, self.optimizer, self.selector = model, optimizer, selector
-        self.micro_batch, self.clip, self.sink, self.rank_log, self.device = micro_batch, clip, sink, rank_log, device
-        self.cfg = selector.cfg
-        self.layout = selector.layout
-        import torch.distributed as dist
-
-        self.rank = dist.get_rank()
-
-    @property
-    def global_step(self) -> int:
-        return self.selector.global_step
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def train_step(self) -> dict:
-        import torch
-
-        from ds_partitionsel.megatron import megatron_sequence_loss
-        from ds_partitionsel.records import EvalRecord, step_record
-
-        step, log_interval = self.global_step, self.cfg.log_interval
-        selection = self.selector.select(step, self.lr(), with_features=step % log_interval == 0)
-        start = time.perf_counter()
-        ids = list(selection.my_records)
-        weights = selection.train_weights(self.cfg.use_weights)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        chunks = range(0, len(ids), self.micro_batch)
-        local = 0.0
-        for s in chunks:
-            batch = self.selector.pool.collate(ids[s:s + self.micro_batch], self.selector.pad_token_id)
-            per_seq, _ = megatron_sequence_loss(self.model, batch, self.device)
-            if weights is not None:
-                per_seq = per_seq * weights[s:s + self.micro_batch].to(per_seq.device)
-            loss = per_seq.mean()
-            (loss / len(chunks)).backward()  # the mean over this rank's share, as DeepSpeed's accumulation
-            local += float(loss.detach()) / len(chunks)
-        self.average_gradients(step)
-        if self.clip:
-            self.clip_gradients(step)
-        self.optimizer.step()
-        comm = self.selector.comm(step, "training")
-        train_loss = float(comm.all_reduce(torch.tensor(local, dtype=torch.float64), "sum",
-                                           "all-reduce of the train loss")) / self.layout.dp
-        record = step_record(selection, train_loss=train_loss, lr=self.lr(), pool_size=self.selector.pool_size,
-                             time_train=time.perf_counter() - start, log_conflicts=step % log_interval == 0)
-        self.sink.emit(record)
-        if self.rank_log is not None:
-            line = {"step": step, "rank": self.rank, "tp_rank": self.layout.tp_rank, "dp_rank": self.layout.dp_rank,
-                    "selected": [int(i) for i in selection.record_ids.tolist()],
-                    "my_records": list(selection.my_records)}
-            self.rank_log.write(json.dumps(line) + "\n")
-            self.rank_log.flush()
-        if self.cfg.eval_interval and self.global_step % self.cfg.eval_interval == 0:
-            self.sink.emit(EvalRecord(step=self.global_step, method=self.cfg.method, eval_loss=self.evaluate()))
-        return record.to_json()
-
-    def average_gradients(self, step: int) -> None:
-        """Mean of every gradient over the data-parallel group: one flat all-reduce. (TP peers need
-        none: Megatron's layers already reduce the TP regions, and replicated parameters get the
-        same gradient on every TP peer.)"""
-        import torch
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        comm = self.selector.comm(step, "training")
-        flat = comm.all_reduce(flat, "sum", "all-reduce of the gradients") / self.layout.dp
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
-
-    def clip_gradients(self, step: int) -> None:
-        """Clip to ``gradient_clipping`` by the norm of the whole model: the squares of TP-sharded
-        parameters summed over the TP group, the replicated ones counted once."""
-        import torch
-
-        from ds_partitionsel.collectives import Communicator
-
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if getattr(p, "tensor_model_parallel", False):
-                sharded += sq
-            else:
-                replicated += sq
-        comm = Communicator(self.layout.tp_group, self.cfg.timeout_s, f"training step {step}")
-        total = comm.all_reduce(sharded, "sum", "all-reduce of the gradient norm over the TP group") + replicated
-        norm = float(total.sqrt())
-        if norm > self.clip:
-            scale = self.clip / (norm + 1e-6)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-
-    def evaluate(self) -> dict:
-        return self.selector.evaluate(self.model, self.micro_batch, self.global_step)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save(self, save_dir: str, shape: dict) -> str:
-        """``latest``, ``<tag>/partitionsel_resume.json`` (rank 0) and ``<tag>/tp<r>.pt`` (the first
-        data-parallel replica: the others hold the same weights)."""
-        import torch
-
-        from ds_partitionsel.collectives import Communicator
-        from ds_partitionsel.runs import resume_record, write_resume_record
-
-        tag = f"global_step{self.global_step}"
-        folder = os.path.join(save_dir, tag)
-        os.makedirs(folder, exist_ok=True)
-        if self.layout.dp_rank == 0:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "selector": self.selector.state_dict(), "global_step": self.global_step, "shape": shape}
-            path = os.path.join(folder, f"tp{self.layout.tp_rank}.pt")
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        Communicator(None, self.cfg.timeout_s, "checkpoint").barrier("barrier after the checkpoint shards")
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            record = resume_record(self.selector)
-            record["megatron"] = shape
-            write_resume_record(folder, record)
-            with open(os.path.join(save_dir, CHECKPOINT_LATEST), "w") as fh:
-                fh.write(tag)
-        return folder
-
-    def load(self, load_dir: str, shape: dict, allow_changes: bool) -> None:
-        """Check the checkpoint's pool, selection config and model shape, then load this TP rank's
-        shard (model, optimizer, selector state) and the step."""
-        import torch
-
-        from ds_partitionsel.runs import check_resume, resume_record
-
-        folder = checkpoint_folder(load_dir)
-        saved = check_checkpoint_shape(load_dir, shape)
-        check_resume(saved, resume_record(self.selector), folder, allow_changes)
-        path = os.path.join(folder, f"tp{self.layout.tp_rank}.pt")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.selector.load_state_dict(state["selector"])
-        self.selector.global_step = int(state["global_step"])
+    return run_main(parse_args(argv), lambda args: train(args, int(os.environ["WORLD_SIZE"])))
 
 
 def train(args, world: int) -> int:
@@ -356,8 +127,9 @@ def train(args, world: int) -> int:
     from ds_partitionsel.data import CandidatePool
     from ds_partitionsel.launch_env import init_distributed
     from ds_partitionsel.megatron import MegatronSelector, build_gpt, initialize_parallel
+    from ds_partitionsel.megatron_loop import MegatronTrainer, check_checkpoint_shape
     from ds_partitionsel.pool_format import load_tokenizer, read_manifest
-    from ds_partitionsel.records import EvalRecord, MetricsSink
+    from ds_partitionsel.records import MetricsSink
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -417,40 +189,29 @@ def train(args, world: int) -> int:
             raise UsageError(f"--steps {args.steps} is not beyond the checkpoint's step {trainer.global_step}: "
                              f"nothing to train (--steps counts from the start of the run)")
 
-    def evaluate():
-        losses = trainer.evaluate()
-        sink.emit(EvalRecord(step=trainer.global_step, method=ps_cfg.method, eval_loss=losses))
-        return losses
-
-    eval_start = _guarded(f"evaluation at step {trainer.global_step}", evaluate) if args.eval_at_start else None
+    eval_start = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_start else None
     t0 = time.perf_counter()
-    records = []
-    from tqdm import tqdm
 
-    bar = tqdm(range(trainer.global_step, args.steps), desc=f"{ps_cfg.method} tp{args.tp}xdp{dp}", disable=rank != 0)
-    for step in bar:
-        rec = _guarded(f"training step {step} on rank {rank}", trainer.train_step)
-        records.append(rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
+    def save_on_interval():
         if args.save_dir and args.save_interval and trainer.global_step % args.save_interval == 0:
-            _guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
-    eval_loss = _guarded(f"evaluation at step {trainer.global_step}", evaluate) if args.eval_at_end else None
+            guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
+
+    records = train_steps(trainer.train_step, trainer.global_step, args.steps, rank,
+                          f"{ps_cfg.method} tp{args.tp}xdp{dp}", after_step=save_on_interval)
+    eval_loss = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_end else None
     if args.save_dir and not (args.save_interval and trainer.global_step % args.save_interval == 0):
-        _guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
+        guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, selector)
         summary.update(eval_loss_start=eval_start, tensor_parallel=args.tp, data_parallel=dp, device=str(device))
-        print(json.dumps(summary, indent=2))
-        if args.output_dir:
-            with open(os.path.join(args.output_dir, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
+        write_summary(summary, args.output_dir)
     sink.close()
     if rank_log is not None:
         rank_log.close()
     from ds_partitionsel.collectives import Communicator
     from megatron.core import parallel_state
 
-    _guarded("the final barrier", lambda: Communicator(None, ps_cfg.timeout_s, "end of training").barrier("barrier"))
+    guarded("the final barrier", lambda: Communicator(None, ps_cfg.timeout_s, "end of training").barrier("barrier"))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return 0

@@ -293,7 +293,7 @@ def run_one(spec: dict) -> dict:
     torch.set_num_threads(1)
     from ds_partitionsel.config import PartitionSelConfig
     from ds_partitionsel.data import CandidatePool
-    from ds_partitionsel.loss import batch_loss
+    from ds_partitionsel.loop import TrainStep
     from ds_partitionsel.selector import Selector
 
     out = Path(spec["dir"])
@@ -321,6 +321,7 @@ def run_one(spec: dict) -> dict:
     model.to(device)
     cfg = PartitionSelConfig.from_dict(partitionsel_block(spec))
     selector = Selector(model, cfg, pool, anchor_view, batch_size=spec["batch"], pad_token_id=pad_id)
+    runner = TrainStep(selector, micro_batch=spec["batch"])  # the product's step; evaluation is eval_now's
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=spec.get("weight_decay", 0.0))
     steps = spec["steps"]
@@ -344,16 +345,15 @@ def run_one(spec: dict) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        sel = selector.select(step, lr, with_features=True)
+        sel = runner.begin(lr, step)
         t1 = time.perf_counter()
-        batch = pool.collate(list(sel.my_records), pad_id)
-        weights = sel.train_weights(cfg.use_weights)
-        loss = batch_loss(model, batch, weights, device)
+        for batch, weights in runner.micro_batches(sel):  # one: the whole batch
+            loss = runner.loss(model, batch, weights, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        selector.after_step(sel)
+        runner.finish(lr)  # the proxy's step
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -422,8 +422,7 @@ def prepare_pretrain(args) -> dict:
     """Corpus, tokenizer and packed pool of the pretraining phase (each built once)."""
     import subprocess
 
-    sys.path.insert(0, str(REPO / "launch"))
-    from pretrain_demo import train_tokenizer, write_corpus
+    from ds_partitionsel.corpus import train_tokenizer, write_corpus
 
     cache = (REPO / args.cache).resolve()
     work = cache / "evidence"

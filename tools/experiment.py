@@ -436,9 +436,6 @@ def plot_eval_change(methods: dict, untrained: dict, path: Path):
 
 def report(results: Path) -> dict:
     """Table (JSON + markdown) and plots from the kept logs under ``results``."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import analyze_run
-
     found = load_results(results)
     if not found:
         raise SystemExit(f"no run logs under {results / 'runs'}: run the experiment first")
@@ -458,7 +455,8 @@ def report(results: Path) -> dict:
             path = mean_dir / f"{method}.jsonl"
             path.write_text("".join(dumps(dict(r, method=method)) + "\n" for r in seed_mean_records(logs)))
             paths.append(path)
-        analyze_run.analyze(paths, results / tag)
+        subprocess.run([sys.executable, str(REPO / "tools" / "analyze_run.py"), *map(str, paths),
+                        "--out", str(results / tag)], check=True)
         plot_eval_change(methods, untrained, results / tag / "eval_change.png")
     print(md)
     return table

@@ -38,6 +38,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 "$PY" -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0)}))" >"$OUT/torch.json" 2>&1
 
 part gpu_tests 180 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_megatron.py -p no:cacheprovider
+# torchtitan's own Trainer on PartitionSel batches (torchtitan 0.3.0 + torchdata as wheels in .whl/; skipped without)
+part torchtitan_trainer 240 "$PY" -m pytest -q -m gpu tests/test_titan.py -p no:cacheprovider
 if [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors >/dev/null 2>&1; then MODEL_ARGS=(--model "$MODEL" --num-layers 6)
 else MODEL_ARGS=(--tiny llama --tokenizer "$MODEL"); fi
 if [ -f .cache/demo_data/train.jsonl ]; then

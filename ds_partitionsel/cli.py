@@ -1,0 +1,349 @@
+"""What the command lines of ``launch/`` share: flags, config reading, model building, monitors,
+errors, summaries.
+
+Every ``launch/train*.py`` is a thin command line over the package: it parses its flags (the
+common ones from :func:`add_run_flags` / :func:`add_model_flags`), reads its JSON config with the
+command line's overrides (:func:`read_config`), builds its loop, and runs under :func:`run_main`,
+which turns a user error into one line on stderr (exit status 2) and a failed step into one line
+naming the step and the rank (status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from typing import Callable, Optional
+
+from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override, check_deepspeed_config
+from ds_partitionsel.loop import StepFailed, guarded
+from ds_partitionsel.runs import ResumeMismatchError, RunDirError
+
+__all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
+           "add_run_flags", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
+           "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps", "finish", "summarize",
+           "write_summary", "run_command", "report_run", "MONITORS"]
+
+MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
+
+
+class UsageError(Exception):
+    """A bad command line or input file: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- flags
+
+def count_arg(kind: str, minimum: int):
+    """argparse type: an integer >= ``minimum`` (the error names ``kind``)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{kind} must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """``--model`` | ``--tiny``, ``--tokenizer``, ``--num-layers``, ``--lora`` (a Hugging Face causal LM)."""
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local Hugging Face model folder")
+    src.add_argument("--tiny", choices=["llama", "qwen2"], help="tiny model built from a config (tests)")
+    ap.add_argument("--tokenizer", help="tokenizer folder (default: the model folder, or the pool's)")
+    ap.add_argument("--num-layers", type=count_arg("--num-layers", 1), default=None,
+                    help="keep only the first N transformer blocks")
+    ap.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 16) on the last 3 blocks")
+
+
+def add_run_flags(ap: argparse.ArgumentParser, *, resume_help: str) -> None:
+    """The flags of every training command line: pool, steps, learning rate, selection overrides,
+    output directory, resume, evaluation."""
+    ap.add_argument("--pool", required=True, help="pool directory from tools/build_pool.py")
+    ap.add_argument("--steps", type=count_arg("--steps", 0), default=10,
+                    help="train until this many steps (counted from the start of the run; 0: evaluate only)")
+    ap.add_argument("--lr", type=positive_float, default=None, help="override the optimizer learning rate")
+    ap.add_argument("--method", default=None, help="override partitionsel.method")
+    ap.add_argument("--seed", type=count_arg("--seed", 0), default=None,
+                    help="override partitionsel.seed (and the model init)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a partitionsel key with a value of its type, e.g. --set pool_factor=4 "
+                         "--set sketch.mode=kron --set use_weights=false "
+                         "--set 'budget.minority_domains=[\"code\"]'")
+    ap.add_argument("--output-dir", default=None,
+                    help="this run's directory: metrics.jsonl, summary.json (and the monitors' files); "
+                         "a directory that already holds another run's log is refused")
+    ap.add_argument("--resume", default=None, help=resume_help)
+    ap.add_argument("--resume-allow-changes", action="store_true",
+                    help="resume even if the pool or the selection config differ from the checkpoint's")
+    ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
+    ap.add_argument("--eval-at-end", action="store_true", help="held-out loss per domain after the last step")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def read_config(path, args, flag: str = "--deepspeed_config") -> dict:
+    """The JSON config at ``path`` (given as ``flag``) with the command line's ``--method``,
+    ``--seed`` and ``--set`` applied to its ``partitionsel`` block (created when missing)."""
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except OSError as e:
+        raise UsageError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{flag} {path} must hold a JSON object, got {type(cfg).__name__}")
+    block = cfg.setdefault("partitionsel", {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"partitionsel in {path} must be a JSON object, got {type(block).__name__}")
+    if args.method:
+        block["method"] = args.method
+    if args.seed is not None:
+        block["seed"] = args.seed
+    for item in args.set:
+        apply_override(block, item)
+    return cfg
+
+
+def load_config(path, args, flag: str = "--deepspeed_config"):
+    """The DeepSpeed config with the command line's overrides applied; the ``partitionsel`` block
+    validated (:class:`ConfigError` names the key). Returns ``(config dict, PartitionSelConfig)``."""
+    cfg = read_config(path, args, flag)
+    ps_cfg = PartitionSelConfig.from_dict(cfg["partitionsel"])
+    check_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg, ps_cfg
+
+
+def place_monitors(cfg, output_dir, config_path):
+    """Point every enabled DeepSpeed file monitor into this run's directory.
+
+    A relative (or empty) ``output_path`` is taken under ``output_dir`` (default ``monitor``); an
+    absolute one is kept as the user wrote it. Without ``--output-dir`` an enabled monitor is an
+    error: its files would land in a directory shared with every other run.
+    """
+    for name in MONITORS:
+        mon = cfg.get(name)
+        if not isinstance(mon, dict) or not mon.get("enabled"):
+            continue
+        path = mon.get("output_path") or "monitor"
+        if os.path.isabs(path):
+            continue
+        if output_dir is None:
+            raise UsageError(f"{name} is enabled in {config_path}: pass --output-dir so its files go under "
+                             f"this run's own directory (or disable it, or give an absolute output_path)")
+        mon["output_path"] = os.path.join(os.path.abspath(output_dir), path)
+
+
+# ----------------------------------------------------------------------------- pool, tokenizer, model
+
+def check_pool_dir(pool_dir: str) -> None:
+    if not os.path.isfile(os.path.join(pool_dir, "manifest.json")):
+        raise UsageError(f"--pool {pool_dir} is not a candidate pool (no manifest.json); build one with "
+                         f"python tools/build_pool.py")
+
+
+def max_token_id(pool_dir, split) -> int:
+    """Largest token id stored in a split (every ``tokens.npy`` of it, memory-mapped)."""
+    import numpy as np
+
+    top = -1
+    for path in sorted(glob.glob(os.path.join(pool_dir, split, "**", "tokens.npy"), recursive=True)):
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        if tokens.size:
+            top = max(top, int(tokens.max()))
+    return top
+
+
+def check_vocabulary(pool_dir, splits, model):
+    """Every token id of the pool must index the model's embedding table."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for split in splits:
+        top = max_token_id(pool_dir, split)
+        if top >= vocab:
+            raise UsageError(f"pool {pool_dir} holds token id {top} in its {split} split, beyond the model's "
+                             f"vocabulary of {vocab}: the pool was built with another tokenizer or is damaged; "
+                             f"rebuild it with this model's tokenizer")
+
+
+def load_tokenizer_and_pools(args):
+    """``(tokenizer, train pool, valid pool)`` of ``--pool`` with ``--tokenizer`` (default: the
+    model folder, else the pool's own); another tokenizer than the pool's is a :class:`UsageError`."""
+    from ds_partitionsel.data import CandidatePool
+    from ds_partitionsel.pool_format import load_tokenizer, read_manifest
+
+    tok_path = args.tokenizer or getattr(args, "model", None) or read_manifest(args.pool)["tokenizer"]["name_or_path"]
+    try:
+        tokenizer = load_tokenizer(tok_path)
+        pool = CandidatePool(args.pool, "train", tokenizer=tokenizer)
+    except ValueError as e:  # an unreadable tokenizer, or another tokenizer than the pool's
+        raise UsageError(str(e)) from None
+    return tokenizer, pool, CandidatePool(args.pool, "valid")
+
+
+def build_model(args, tokenizer, dtype=None):
+    """The Hugging Face causal LM of ``--model`` / ``--tiny`` (float32 unless ``dtype``), cut to
+    ``--num-layers`` blocks, with LoRA adapters under ``--lora``."""
+    import torch
+    import transformers
+
+    if args.tiny:
+        config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[args.tiny]
+        config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=args.num_layers or 4,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                            max_position_embeddings=2048, tie_word_embeddings=False)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    else:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise UsageError(f"--model {args.model} is not a Hugging Face model folder (no config.json); "
+                             f"python tools/fetch_demo_data.py --model-only makes .cache/models/smollm2-135m")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                                      dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"could not load a causal LM from --model {args.model}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if args.num_layers:
+            blocks = model.model.layers
+            if not 0 < args.num_layers <= len(blocks):
+                raise UsageError(f"--num-layers must be in 1..{len(blocks)} for {args.model}, got {args.num_layers}")
+            model.model.layers = blocks[: args.num_layers]
+            model.config.num_hidden_layers = args.num_layers
+    if getattr(args, "lora", False):
+        from ds_partitionsel.extras import require
+
+        peft = require("peft", "--lora")
+        n = model.config.num_hidden_layers
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"],
+                               layers_to_transform=list(range(max(0, n - 3), n)))
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+# ----------------------------------------------------------------------------- running and ending
+
+def run_main(args, train_fn: Callable[..., int], *train_args) -> int:
+    """``train_fn(args, *train_args)`` in the launcher's environment; returns the exit status. A
+    user error is one line on stderr (status 2), a failed step one line naming the step and rank
+    (status 1); no traceback for either."""
+    from ds_partitionsel.launch_env import map_launcher_env
+    from ds_partitionsel.pool_format import PoolFormatError
+
+    map_launcher_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"[rank {rank}] " if world > 1 else ""
+    try:
+        return train_fn(args, *train_args)
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except StepFailed as e:
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{where}interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def train_steps(step_fn: Callable[[], dict], first: int, last: int, rank: int, desc: str,
+                after_step: Optional[Callable[[], None]] = None) -> list:
+    """Run ``step_fn`` (one step, its record as JSON) for steps ``first..last-1`` with a progress
+    bar on rank 0; each failure a :class:`StepFailed` naming the step and rank. Returns the records."""
+    from tqdm import tqdm
+
+    records = []
+    bar = tqdm(range(first, last), desc=desc, disable=rank != 0)
+    for step in bar:
+        rec = guarded(f"training step {step} on rank {rank}", step_fn)
+        records.append(rec)
+        cp = rec.get("conflicting_pairs")
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", cp=cp if cp is not None and cp >= 0 else "-")
+        if after_step is not None:
+            after_step()
+    return records
+
+
+def finish(timeout_s: float) -> int:
+    """End a run on every rank: wait for the others (rank 0 writes the summary last), then leave
+    the process group. A rank that exits while the backend's threads still run can abort
+    ("terminate called without an active exception")."""
+    import torch
+
+    from ds_partitionsel.collectives import Communicator
+
+    guarded("the final barrier", lambda: Communicator(None, timeout_s, "end of training").barrier("barrier"))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def summarize(records, eval_loss, seconds, engine):
+    """The run's summary: method, sizes, first/last loss, selected mix, mean conflicting pairs."""
+    mix = {}
+    for r in records:
+        for name, c in r["domain_counts"].items():
+            mix[name] = mix.get(name, 0) + c
+    pairs = [r["conflicting_pairs"] for r in records  # None or a negative placeholder: not measured
+             if isinstance(r.get("conflicting_pairs"), (int, float)) and r["conflicting_pairs"] >= 0]
+    return {
+        "method": engine.cfg.method, "steps": len(records), "world_size": engine.world,
+        "batch_size": engine.batch_size, "pool_size": engine.pool_size,
+        "first_loss": records[0]["train_loss"] if records else None,
+        "last_loss": records[-1]["train_loss"] if records else None,
+        "selected_domain_mix": mix,
+        "mean_conflicting_pairs": sum(pairs) / len(pairs) if pairs else None,
+        "eval_loss": eval_loss, "seconds": round(seconds, 2),
+    }
+
+
+def write_summary(summary: dict, output_dir: Optional[str]) -> None:
+    """Print the summary and write ``output_dir/summary.json`` (rank 0 calls it)."""
+    print(json.dumps(summary, indent=2))
+    if output_dir:
+        with open(os.path.join(output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+
+
+# ----------------------------------------------------------------------------- demos
+
+def run_command(cmd, cwd: str, **kwargs) -> None:
+    """Run a step of a demo (echoed first); a failure raises ``CalledProcessError``."""
+    import subprocess
+
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=cwd, **kwargs)
+
+
+def report_run(repo: str, out: str, title: str, batch_detail: str) -> dict:
+    """Plot the run in ``out`` (``tools/analyze_run.py`` of ``repo``) and print its summary:
+    held-out loss per domain before -> after, the selected mix. ``batch_detail`` is formatted
+    with the summary."""
+    run_command([sys.executable, "tools/analyze_run.py", out, "--out", os.path.join(out, "report")], cwd=repo)
+    with open(os.path.join(repo, out, "summary.json")) as fh:
+        summary = json.load(fh)
+    print(f"\n=== {title} summary ===")
+    print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
+          f"batch {summary['batch_size']} " + batch_detail.format(**summary))
+    start, end = summary["eval_loss_start"], summary["eval_loss"]
+    print("held-out loss per domain, before -> after training:")
+    for name in end:
+        print(f"  {name:>10}: {start[name]:.4f} -> {end[name]:.4f}")
+    print(f"selected domain mix: {summary['selected_domain_mix']}")
+    print(f"plots and summary table: {os.path.join(out, 'report')}")
+    return summary
