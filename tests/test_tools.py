@@ -484,7 +484,7 @@ def test_benchmarks_refuse_a_missing_named_pool_in_one_line_before_any_rank(tmp_
 
 def test_default_demo_pool_is_built_on_first_use(tmp_path, monkeypatch):
     """bench_inputs builds the default pool where it is missing, with the demo data and model."""
-    bench_inputs = load_tool("bench_inputs")
+    from ds_partitionsel import bench_inputs
     if not (bench_inputs.MODEL / "config.json").is_file():
         pytest.skip("the demo model is not fetched here (tools/fetch_demo_data.py --model-only)")
     bench_inputs.ensure_demo_data()

@@ -50,8 +50,7 @@ sys.path.insert(0, str(REPO))
 from ds_partitionsel import pool_format as pf  # noqa: E402
 from ds_partitionsel.pool_builder import TEXT_BATCH_CHARS  # noqa: E402
 
-sys.path.insert(0, str(REPO / "tools"))
-from bench_inputs import ensure_demo_data, ensure_model  # noqa: E402
+from ds_partitionsel.bench_inputs import ensure_demo_data, ensure_model  # noqa: E402
 
 TARGET_THROUGHPUT = 0.70
 TARGET_RSS = 1.2

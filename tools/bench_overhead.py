@@ -55,8 +55,7 @@ def log(msg: str) -> None:
 
 def build_data(work: Path, seq: int, vocab: int) -> tuple:
     """(pool dir, tokenizer dir): the demo data as raw text, a BPE tokenizer, a packed pool."""
-    sys.path.insert(0, str(REPO / "launch"))
-    from pretrain_demo import train_tokenizer
+    from ds_partitionsel.corpus import train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     cache = REPO / ".cache"

@@ -103,8 +103,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "runs/bench_proxy.json"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO / "tools"))
-    from bench_inputs import ensure_demo_pool, ensure_model  # built on first use
+    from ds_partitionsel.bench_inputs import ensure_demo_pool, ensure_model  # built on first use
 
     ensure_model(args.model)
     ensure_demo_pool(args.pool)

@@ -324,8 +324,7 @@ def main(argv=None):
     if args.method:
         print(json.dumps(run_method(args)))
         return 0
-    sys.path.insert(0, str(REPO / "tools"))
-    from bench_inputs import DEMO_DATA, ensure_demo_data, ensure_model  # built on first use
+    from ds_partitionsel.bench_inputs import DEMO_DATA, ensure_demo_data, ensure_model  # built on first use
 
     ensure_model(args.model)
     if args.data and Path(os.path.abspath(args.data)) == DEMO_DATA / "train.jsonl":

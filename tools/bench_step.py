@@ -34,8 +34,7 @@ sys.path.insert(0, REPO)
 
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from bench_inputs import ensure_demo_pool, ensure_model  # noqa: E402
+from ds_partitionsel.bench_inputs import ensure_demo_pool, ensure_model  # noqa: E402
 
 
 

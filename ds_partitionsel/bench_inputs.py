@@ -1,4 +1,6 @@
-"""What the benchmarks read, built on first use: the demo data, the SmolLM2 model, the demo pool.
+"""What the repository's benchmarks (``tools/bench_*.py``) read, built on first use: the demo
+data, the SmolLM2 model, the demo pool. It runs the repository's own tools, so it serves a source
+checkout (an editable install), not a wheel.
 
 Each benchmark calls these before it starts any rank, so a fresh checkout runs
 ``python tools/bench_step.py --out F.json`` as is: a missing default input is built here (the
