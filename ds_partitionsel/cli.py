@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable, Optional
+from typing import Dict, Callable, Optional
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override, check_deepspeed_config
 from ds_partitionsel.loop import StepFailed, guarded
@@ -347,3 +347,60 @@ def report_run(repo: str, out: str, title: str, batch_detail: str) -> dict:
     print(f"selected domain mix: {summary['selected_domain_mix']}")
     print(f"plots and summary table: {os.path.join(out, 'report')}")
     return summary
+
+
+def compare_runs(repo: str, runs: Dict[str, str], out: str) -> dict:
+    """Held-out loss of runs trained on the same seed (``{method: run dir}``, the first one the
+    reference), side by side: ``<out>/compare.png`` (the mean held-out loss of each, and each
+    other run minus the reference at every evaluation) and ``<out>/compare.json``; printed as a
+    table of the final held-out loss per domain. Returns the JSON."""
+    from ds_partitionsel.records import read_metrics, write_json
+
+    curves = {}
+    for method, path in runs.items():
+        _, evals = read_metrics(os.path.join(repo, path))
+        curves[method] = {e.step: e.eval_loss for e in evals}
+    names = list(runs)
+    ref = names[0]
+    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if not steps:
+        raise ValueError(f"the runs {names} share no evaluation step; evaluate them at the same steps")
+    last = steps[-1]
+    domains = list(curves[ref][last])
+    result = {"steps": steps, "reference": ref,
+              "mean": {m: [curves[m][s]["mean"] for s in steps] for m in names},
+              "final": {m: curves[m][last] for m in names},
+              "final_minus_reference": {m: {d: curves[m][last][d] - curves[ref][last][d] for d in domains}
+                                        for m in names[1:]}}
+    os.makedirs(os.path.join(repo, out), exist_ok=True)
+    write_json(os.path.join(repo, out, "compare.json"), result)
+    print(f"\nheld-out loss after {last} steps, same seed, same pools ({ref} is the reference):")
+    print(f"  {'domain':>10}  " + "  ".join(f"{m:>12}" for m in names) + "".join(
+        f"  {m + ' - ' + ref:>24}" for m in names[1:]))
+    for d in domains:
+        print(f"  {d:>10}  " + "  ".join(f"{curves[m][last][d]:12.4f}" for m in names) + "".join(
+            f"  {curves[m][last][d] - curves[ref][last][d]:+24.4f}" for m in names[1:]))
+    try:
+        from ds_partitionsel.extras import require
+
+        require("matplotlib", "the demo's comparison plot").use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # the table above is the result; the plot is a convenience
+        print(f"no plot: {e}")
+        return result
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in names:
+        axes[0].plot(steps, result["mean"][m], marker="o", label=m)
+    axes[0].set(xlabel="step", ylabel="held-out loss (mean over domains)", title="held-out loss, same seed")
+    axes[0].legend()
+    for m in names[1:]:
+        diff = [a - b for a, b in zip(result["mean"][m], result["mean"][ref])]
+        axes[1].plot(steps, diff, marker="o", label=f"{m} - {ref}")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set(xlabel="step", ylabel="difference", title="below 0: the selection paid (one seed)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(repo, out, "compare.png"), dpi=110)
+    plt.close(fig)
+    print(f"comparison plot: {os.path.join(out, 'compare.png')}")
+    return result

@@ -6,7 +6,9 @@
 3. train with ``deepspeed --num_gpus 2 launch/train.py`` (ZeRO-2, PartitionSel): the whole
    pretrained model with LoRA adapters on its last 3 blocks, sketched exactly (the paper's
    features); CPU-sized in batch (4), pool (32) and steps;
-4. plot the run (tools/analyze_run.py) and print the summary.
+4. train ``--baseline`` (default ``random``) on the same seed and pools, and compare: both
+   held-out curves and their difference (``<out>/report/compare.png``);
+5. plot the run (tools/analyze_run.py) and print the summary.
 
 ``--pretrain`` runs the pretraining demo instead (launch/pretrain_demo.py, its own options): a
 packed raw-text pool of real text and code, a small Llama trained from scratch on 2 ranks.
@@ -26,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import report_run, run_command  # noqa: E402
+from ds_partitionsel.cli import compare_runs, report_run, run_command  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
 
@@ -44,6 +46,9 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--method", default="partitionsel")
+    ap.add_argument("--baseline", default="random",
+                    help="also train this method on the same seed and pools (<out>_<baseline>) and compare "
+                         "the held-out curves; none: skip")
     ap.add_argument("--config", default="ds_configs/zero2_lora.json")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/demo")
@@ -62,19 +67,24 @@ def main():
         run([sys.executable, "tools/build_pool.py", "--tokenizer", model,
              "--train", os.path.join(data, "train.jsonl"), "--valid", os.path.join(data, "valid.jsonl"),
              "--max-length", str(args.max_length), "--out", pool])
-    out = os.path.join(REPO, args.out)
-    shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "launch/train.py", "--model", model,
-         *(["--num-layers", str(args.num_layers)] if args.num_layers else []),
-         "--lora", "--pool", pool, "--deepspeed_config", args.config,
-         "--steps", str(args.steps), "--method", args.method, "--set", "eval_interval=3",
-         "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
-         "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
+    runs = {args.method: args.out}
+    if args.baseline != "none" and args.baseline != args.method:
+        runs[args.baseline] = f"{args.out}_{args.baseline}"
+    for method, out in runs.items():
+        shutil.rmtree(os.path.join(REPO, out), ignore_errors=True)
+        run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), "launch/train.py", "--model", model,
+             *(["--num-layers", str(args.num_layers)] if args.num_layers else []),
+             "--lora", "--pool", pool, "--deepspeed_config", args.config,
+             "--steps", str(args.steps), "--method", method, "--set", "eval_interval=3",
+             "--set", "eval_samples=24", "--set", "validation.anchors=4", "--set", "sketch.micro_batch=1",
+             "--eval-at-start", "--eval-at-end", "--output-dir", out], env=env)
     summary = report_run(REPO, args.out, "demo", "from pools of {pool_size}")
     print(f"conflicting pairs per batch (mean): {summary['mean_conflicting_pairs']}")
+    if len(runs) > 1:  # did the selection pay on this data? the same seed without it
+        compare_runs(REPO, runs, os.path.join(args.out, "report"))
 
 
 if __name__ == "__main__":

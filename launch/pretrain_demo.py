@@ -10,7 +10,8 @@ scratch with PartitionSel on 2 ranks, on packed windows of real multi-domain tex
    once;
 4. train a tiny Llama (launch/train.py --tiny llama) with ``deepspeed --num_gpus 2`` (ZeRO-2,
    PartitionSel, Kronecker sketches), with held-out loss per domain before, during and after;
-5. plot the run (tools/analyze_run.py) and print the summary.
+5. train ``--baseline`` (default ``random``) on the same seed and pools and compare the held-out
+   curves (``<out>/report/compare.png``); plot the run (tools/analyze_run.py), print the summary.
 
     python launch/demo.py --pretrain [--steps 60] [--pack 128] [--method partitionsel] [--out runs/pretrain_demo]
 """
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import report_run, run_command  # noqa: E402
+from ds_partitionsel.cli import compare_runs, report_run, run_command  # noqa: E402
 from ds_partitionsel.corpus import train_tokenizer, write_corpus  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
@@ -37,6 +38,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--method", default="partitionsel")
+    ap.add_argument("--baseline", default="random",
+                    help="also train this method on the same seed and pools (<out>_<baseline>) and compare "
+                         "the held-out curves; none: skip")
     ap.add_argument("--config", default="ds_configs/zero2.json")
     ap.add_argument("--pack", type=int, default=128, help="window length (tokens)")
     ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained on the corpus")
@@ -62,17 +66,22 @@ def main(argv=None):
         run([sys.executable, "tools/build_pool.py", "--tokenizer", tok, "--train", corpus, "--text-field", "text",
              "--pack", str(args.pack), "--valid-fraction", "0.05", "--out", pool])
         run([sys.executable, "tools/inspect_pool.py", pool])
-    out = os.path.join(REPO, args.out)
-    shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "launch/train.py", "--tiny", "llama", "--num-layers", str(args.layers),
-         "--tokenizer", tok, "--pool", pool, "--deepspeed_config", args.config, "--steps", str(args.steps),
-         "--method", args.method, "--lr", str(args.lr), "--set", "eval_interval=10", "--set", "eval_samples=64",
-         "--eval-at-start", "--eval-at-end", "--output-dir", args.out], env=env)
+    runs = {args.method: args.out}
+    if args.baseline != "none" and args.baseline != args.method:
+        runs[args.baseline] = f"{args.out}_{args.baseline}"
+    for method, out in runs.items():
+        shutil.rmtree(os.path.join(REPO, out), ignore_errors=True)
+        run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), "launch/train.py", "--tiny", "llama", "--num-layers", str(args.layers),
+             "--tokenizer", tok, "--pool", pool, "--deepspeed_config", args.config, "--steps", str(args.steps),
+             "--method", method, "--lr", str(args.lr), "--set", "eval_interval=10", "--set", "eval_samples=64",
+             "--eval-at-start", "--eval-at-end", "--output-dir", out], env=env)
     report_run(REPO, args.out, "pretraining demo", f"windows of {args.pack} tokens from pools of {{pool_size}}; "
                                                  f"tiny Llama from scratch, vocabulary {args.vocab}")
+    if len(runs) > 1:  # did the selection pay on this data? the same seed without it
+        compare_runs(REPO, runs, os.path.join(args.out, "report"))
 
 
 if __name__ == "__main__":
