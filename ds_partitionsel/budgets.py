@@ -25,7 +25,8 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
                      minority_domains: Optional[Sequence[int]] = None,
                      target_counts: Optional[Sequence[int]] = None,
                      gains: Optional[Sequence[float]] = None,
-                     floor: float = 0.0, lam: float = 0.5) -> torch.Tensor:
+                     floor: float = 0.0, lam: float = 0.5, rounding: str = "largest_remainder",
+                     draw: Optional[int] = None) -> torch.Tensor:
     """Split a batch of ``k`` picks into per-domain budgets ``b`` with ``sum(b) == k``.
 
     Parameters
@@ -52,6 +53,13 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
           the relative change of the domain's alignment with the validation target), clipped to
           ``[0, n_j]``; shares ``s_j = floor * n_j/N + (1 - floor) * c_j / sum(c)``, apportioned.
         Budgets are never above ``n_j``: any excess is handed on by :func:`rebalance_budgets`.
+    rounding : how ``fractions``, ``validation`` and ``curriculum`` turn quotas into integers.
+        ``largest_remainder``: floors, then +1 to the largest fractional parts (ties to the lower
+        id), the same every step, so a domain whose quota stays below about half a slot may never
+        get one. ``stochastic``: floors, then systematic sampling of the leftover units over the
+        fractional parts at the offset ``draw / 2**53`` (``draw``: an int in ``[0, 2**53)``, the
+        same on every rank, e.g. drawn from the step's seed): each domain's expected budget is
+        exactly its quota.
         Every rule is exact rational arithmetic on the inputs (floats enter as their exact
         binary value), so every rank computes the same budgets.
 
@@ -87,7 +95,7 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
         fr = [Fraction(float(f)) for f in fractions]
         if any(f < 0 for f in fr) or sum(fr) == 0:
             raise ValueError(f"fractions must be non-negative and not all zero, got {list(fractions)}")
-        budgets = _largest_remainder(fr, k)
+        budgets = _apportion(fr, k, rounding, draw)
     elif strategy in ("validation", "curriculum"):
         fl = Fraction(float(floor))
         if not 0 <= fl <= 1:
@@ -97,7 +105,7 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
         else:
             wanted = _curriculum_shares(gains, counts, k, lam)
         prop = [Fraction(c, total) for c in counts]
-        budgets = _largest_remainder([fl * p + (1 - fl) * w for p, w in zip(prop, wanted)], k)
+        budgets = _apportion([fl * p + (1 - fl) * w for p, w in zip(prop, wanted)], k, rounding, draw)
     else:  # minority_full
         listed = sorted(set(int(j) for j in (minority_domains or ())))
         if not listed or any(j < 0 or j >= len(counts) for j in listed):
@@ -123,6 +131,37 @@ def _largest_remainder(weights: list, k: int) -> list:
     order = sorted(range(len(weights)), key=lambda j: (-(quotas[j] - budgets[j]), j))
     for j in order[: k - sum(budgets)]:
         budgets[j] += 1
+    return budgets
+
+
+ROUNDINGS = ("largest_remainder", "stochastic")
+
+
+def _apportion(weights: list, k: int, rounding: str, draw: Optional[int]) -> list:
+    if rounding == "largest_remainder":
+        return _largest_remainder(weights, k)
+    if rounding != "stochastic":
+        raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
+    if draw is None or not 0 <= int(draw) < 2 ** 53:
+        raise ValueError(f"rounding 'stochastic' needs draw, an int in [0, 2**53) shared by every rank, got {draw!r}")
+    return _systematic(weights, k, Fraction(int(draw), 2 ** 53))
+
+
+def _systematic(weights: list, k: int, offset: Fraction) -> list:
+    """Floors of the quotas ``w_j k / sum(w)``, plus one unit for each point ``offset + i``
+    (``i = 0, 1, ...``) that falls in domain j's stretch of the cumulated fractional parts:
+    ``E[b_j]`` is exactly the quota (systematic sampling)."""
+    scale = sum(weights)
+    quotas = [w * k / scale for w in weights]
+    budgets = [int(q) for q in quotas]
+    start = Fraction(0)
+    for j, q in enumerate(quotas):
+        end = start + (q - budgets[j])
+        # points offset + i in [start, end): at most one, as the stretch is shorter than 1
+        first = offset + max(0, -((offset - start) // 1))  # the first point >= start
+        if first < end:
+            budgets[j] += 1
+        start = end
     return budgets
 
 

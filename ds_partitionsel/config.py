@@ -31,7 +31,7 @@ from typing import Any, List, Literal, Optional, Tuple, Union, get_args, get_ori
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ds_partitionsel.budgets import STRATEGIES
+from ds_partitionsel.budgets import ROUNDINGS, STRATEGIES
 from ds_partitionsel.selection import METHODS
 from ds_partitionsel.solver import RULES
 
@@ -72,6 +72,9 @@ class BudgetConfig(_Block):
     floor: float = Field(0.25, json_schema_extra=_expects(
         "a number in [0, 1]: the coverage floor of the 'validation' and 'curriculum' strategies "
         "(every domain keeps at least this fraction of its proportional share)"))
+    rounding: Literal[ROUNDINGS] = Field("largest_remainder", json_schema_extra=_expects(
+        '"largest_remainder" (the same rounding every step) or "stochastic" (seeded per step, '
+        "each domain's expected budget equals its quota)"))
     curriculum_lambda: float = Field(0.5, json_schema_extra=_expects(
         "a finite number > 0 (the 'curriculum' rule's lambda: smaller moves budgets more)"))
     curriculum_beta: float = Field(0.9, json_schema_extra=_expects(

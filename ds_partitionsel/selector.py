@@ -266,17 +266,20 @@ class Selector:
         pool_ids = self.sampler.pool(step // self.cfg.steps_per_pool)
         counts = torch.bincount(self.pool.domains[pool_ids], minlength=len(self.pool.domain_names))
         return StepPlan(step=step, pool_ids=pool_ids, bounds=tuple(shard_bounds(self.pool_size, self.world)),
-                        budgets=self._budgets(counts), rank=self.rank, world=self.world,
+                        budgets=self._budgets(counts, step - step % self.cfg.steps_per_pool),
+                        rank=self.rank, world=self.world,
                         batch_size=self.batch_size)
 
-    def _budgets(self, counts: torch.Tensor) -> torch.Tensor:
-        """(D,) budgets of one batch of ``batch_size`` from candidates with per-domain ``counts``."""
+    def _budgets(self, counts: torch.Tensor, step: int) -> torch.Tensor:
+        """(D,) budgets of the batch of ``step`` from candidates with per-domain ``counts``."""
         b = self.cfg.budget
         names = self.pool.domain_names
         minority = [names.index(d) for d in b.minority_domains] if b.minority_domains else None
+        draw = int(torch.randint(0, 2 ** 53, (1,), generator=generator("budgets", self.cfg.seed, step)))
         return allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
                                 minority_domains=minority, target_counts=self.target_counts(),
-                                gains=self._gains, floor=b.floor, lam=b.curriculum_lambda)
+                                gains=self._gains, floor=b.floor, lam=b.curriculum_lambda,
+                                rounding=b.rounding, draw=draw)
 
     def target_counts(self) -> List[int]:
         """The validation anchors' expected count of each pool domain (the ``validation``
@@ -382,7 +385,7 @@ class Selector:
                 feats, doms = features[keep], local_domains[keep]
                 left = (~taken).nonzero().flatten()  # rank-major order of the remaining rows
                 counts = pool_counts - torch.bincount(self.pool.domains[plan.pool_ids[chosen]], minlength=n_dom)
-                budgets = self._budgets(counts)
+                budgets = self._budgets(counts, first_step + j)
             step_j = first_step + j
             sel = distributed.select(
                 cfg.method, feats, doms, target, budgets,

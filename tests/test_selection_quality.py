@@ -69,6 +69,49 @@ def test_validation_budgets_follow_the_target_and_keep_the_floor():
     assert allocate_budgets(counts, 16, "validation", target_counts=target, floor=1.0).tolist() == [12, 3, 1]
 
 
+def _reference_systematic(quotas, u):
+    """Floors, then a unit for each point u + i inside a domain's stretch of the cumulated
+    fractional parts (floating point; quotas chosen so that no point sits on a boundary)."""
+    out, start = [], 0.0
+    for q in quotas:
+        frac = q - math.floor(q)
+        end = start + frac
+        hits = sum(1 for i in range(-1, len(quotas) + 2) if start <= u + i < end)
+        out.append(math.floor(q) + hits)
+        start = end
+    return out
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    counts, target = [100, 20, 8], [100, 20, 8]
+    # largest remainder at a batch of 4: the smallest domain's quota (0.25 + ...) never wins a slot
+    lr = allocate_budgets(counts, 4, "validation", target_counts=target, floor=0.25)
+    assert lr.tolist()[2] == 0
+    rng = random.Random(0)
+    total = [0, 0, 0]
+    n = 3000
+    for _ in range(n):
+        draw = rng.randrange(2 ** 53)
+        b = allocate_budgets(counts, 4, "validation", target_counts=target, floor=0.25,
+                             rounding="stochastic", draw=draw).tolist()
+        assert sum(b) == 4
+        quotas = [4 * c / 128 for c in counts]
+        assert b == _reference_systematic(quotas, draw / 2 ** 53)
+        total = [t + x for t, x in zip(total, b)]
+    for t, c in zip(total, counts):
+        assert abs(t / n - 4 * c / 128) < 0.03, (total, counts)
+    with pytest.raises(ValueError, match="needs draw"):
+        allocate_budgets(counts, 4, "validation", target_counts=target, rounding="stochastic")
+
+
+def test_selector_stochastic_rounding_draws_per_step(tiny):
+    a = _selector(tiny, {"budget": {"rounding": "stochastic"}})
+    b = _selector(tiny, {"budget": {"rounding": "stochastic"}})
+    plans = [a.plan(s).budgets for s in range(6)]
+    assert all(torch.equal(p, b.plan(s).budgets) for s, p in enumerate(plans))  # seeded by the step
+    assert all(int(p.sum()) == 4 for p in plans)
+
+
 def test_curriculum_budgets_against_a_float_reference():
     counts = [64, 64, 64, 64]
     # equal gains: uniform budgets
@@ -165,6 +208,7 @@ def test_spread_is_exact_in_any_order_and_split():
     ({"budget": {"curriculum_beta": 1.0}}, "curriculum_beta must be a number in"),
     ({"budget": {"curriculum_lambda": -1}}, "curriculum_lambda must be a finite number > 0"),
     ({"validation": {"ema": 1.0}}, r"validation.ema must be a number in \[0, 1\)"),
+    ({"budget": {"rounding": "nearest"}}, "budget.rounding = 'nearest' is not valid; choose one of: largest_remainder"),
 ])
 def test_new_keys_refuse_bad_values(block, message):
     with pytest.raises(ConfigError, match=message):
