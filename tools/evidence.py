@@ -925,8 +925,8 @@ def report(results: Path, target_domain: str = "code") -> dict:
             md += [f"| {other} | {_pm(r['within'], '.3f')} | {_pm(r['cross'], '.3f')} |" for other, r in rates.items()]
             md.append("")
             claims["conflict rates"] = rates
-        plot_curves(methods, setting, target_domain, results / f"{tag}.png", title)
-        plot_domains(methods, results / f"{tag}_domains.png", title)
+        plot_curves(methods, setting, target_domain, results / f"{tag.replace(':', '-')}.png", title)
+        plot_domains(methods, results / f"{tag.replace(':', '-')}_domains.png", title)
         out[tag] = {"rows": rows, "claims": claims}
     # ablations: each variant against the default PartitionSel of the same seeds
     abl = {}
