@@ -22,7 +22,7 @@ from ds_partitionsel.loop import StepFailed, guarded
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError
 
 __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
-           "add_run_flags", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
+           "add_run_flags", "add_save_flags", "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
            "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps", "finish", "summarize",
            "write_summary", "run_command", "report_run", "MONITORS"]
 
@@ -93,6 +93,41 @@ def add_run_flags(ap: argparse.ArgumentParser, *, resume_help: str) -> None:
     ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
     ap.add_argument("--eval-at-end", action="store_true", help="held-out loss per domain after the last step")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_save_flags(ap: argparse.ArgumentParser, *, what: str) -> None:
+    """``--save-dir`` and ``--save-interval`` (the end of the run, every N steps, and on SIGTERM /
+    SIGUSR1 at the next step boundary: :mod:`ds_partitionsel.preemption`)."""
+    ap.add_argument("--save-dir", default=None,
+                    help=f"save {what} here at the end, every --save-interval steps, and on SIGTERM/SIGUSR1 "
+                         f"(at the next step boundary, then exit 0)")
+    ap.add_argument("--save-interval", type=count_arg("--save-interval", 0), default=0,
+                    help="also save every N steps (0: only at the end and on a stop signal); needs --save-dir")
+
+
+def check_save_flags(args) -> None:
+    """``--save-interval`` needs ``--save-dir``; ``--resume latest`` means the latest complete
+    checkpoint of ``--save-dir``."""
+    if args.save_interval and not args.save_dir:
+        raise UsageError(f"--save-interval {args.save_interval} needs --save-dir (where to save)")
+    if args.resume == "latest" and not args.save_dir:
+        raise UsageError("--resume latest continues the checkpoints of --save-dir: pass --save-dir")
+
+
+def save_schedule(args, save, timeout_s, stoppable: bool = True):
+    """The run's :class:`~ds_partitionsel.preemption.SaveSchedule`; with a ``--save-dir`` (and
+    ``stoppable``), SIGTERM/SIGUSR1 save at the next step boundary instead of killing the run."""
+    from ds_partitionsel.preemption import SaveSchedule, StopRequest
+
+    stop = StopRequest().install() if (args.save_dir and stoppable) else None
+    return SaveSchedule(save, args.save_interval if args.save_dir else 0, stop, timeout_s)
+
+
+def stop_note(schedule, rank: int, save_dir: Optional[str]) -> None:
+    """Say on rank 0 that a stop signal ended the run and how to continue it."""
+    if schedule.stopped_at is not None and rank == 0:
+        print(f"stopped by a signal after step {schedule.stopped_at}: checkpoint saved in {save_dir}; "
+              f"continue with --resume latest --save-dir {save_dir}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -275,8 +310,8 @@ def train_steps(step_fn: Callable[[], dict], first: int, last: int, rank: int, d
         records.append(rec)
         cp = rec.get("conflicting_pairs")
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", cp=cp if cp is not None and cp >= 0 else "-")
-        if after_step is not None:
-            after_step()
+        if after_step is not None and after_step():
+            break  # a stop signal: the checkpoint of this step is saved
     return records
 
 

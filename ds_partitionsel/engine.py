@@ -19,6 +19,7 @@ from ds_partitionsel.config import (ConfigError, PartitionSelConfig, check_deeps
                                     split_deepspeed_config, train_batch_size)
 from ds_partitionsel.loop import TrainStep
 from ds_partitionsel.records import MetricsSink
+from ds_partitionsel.preemption import write_latest
 from ds_partitionsel.runs import check_resume, check_run_dir, read_resume_record, resume_record, write_resume_record
 from ds_partitionsel.selector import Selector, check_pools
 
@@ -152,9 +153,12 @@ class PartitionSelEngine:
         if selector_state:
             state[SELECTOR_STATE_KEY] = selector_state
         tag = f"global_step{self.engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
-        out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+        save_latest = kwargs.pop("save_latest", True)
+        out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False, **kwargs)
         if self.rank == 0:  # a rank that resumes before this file exists checks the client state instead
             write_resume_record(os.path.join(save_dir, str(tag)), record)
+            if save_latest:  # only now is the checkpoint complete: a kill before this keeps the previous one
+                write_latest(save_dir, str(tag))
         return out
 
     def load_checkpoint(self, load_dir, tag=None, allow_changes: bool = False, **kwargs):

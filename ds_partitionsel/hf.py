@@ -39,6 +39,7 @@ import transformers
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, split_deepspeed_config
 from ds_partitionsel.loop import TrainStep
+from ds_partitionsel.preemption import latest_complete_trainer_checkpoint
 from ds_partitionsel.records import MetricsSink, monitor_events
 from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
 from ds_partitionsel.selector import Selector, check_pools, pool_size_for
@@ -106,7 +107,14 @@ class _PartitionSelCallback(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._finish_step()
+        tr = self.trainer
+        tr._finish_step()
+        # a stop signal (on any rank): every rank saves this step's checkpoint and stops
+        if tr.stop_request is not None and tr.stop_request.agreed(state.global_step, tr.ps_config.timeout_s):
+            control.should_save = True
+            control.should_training_stop = True
+            tr.stopped_at = state.global_step
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         tr = self.trainer
@@ -135,10 +143,14 @@ class PartitionSelTrainer(transformers.Trainer):
         block of ``args.deepspeed``.
     pad_token_id : default ``processing_class.pad_token_id``.
     resume_allow_changes : resume even if the pool or the selection config changed.
+    stop_request : a :class:`~ds_partitionsel.preemption.StopRequest` (installed): after the step
+        where any rank received SIGTERM/SIGUSR1, every rank saves a checkpoint and training stops
+        (``stopped_at`` is that step).
     """
 
     def __init__(self, *args, candidate_pool, valid_pool, partitionsel=None,
-                 pad_token_id: Optional[int] = None, resume_allow_changes: bool = False, **kwargs):
+                 pad_token_id: Optional[int] = None, resume_allow_changes: bool = False,
+                 stop_request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ps_config = _block_from(partitionsel, self.args.deepspeed)
         ds = getattr(self.args, "hf_deepspeed_config", None)
@@ -165,6 +177,7 @@ class PartitionSelTrainer(transformers.Trainer):
         self.step_runner: Optional[TrainStep] = None
         self._ps_logs = {}
         self._resume_from = None
+        self.stop_request, self.stopped_at = stop_request, None
         self.add_callback(_PartitionSelCallback(self))
 
     # ------------------------------------------------------------------ data
@@ -181,9 +194,9 @@ class PartitionSelTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = latest_complete_trainer_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint-N folder in {self.args.output_dir} to resume from")
+                raise ValueError(f"no complete checkpoint-N folder in {self.args.output_dir} to resume from")
         if resume_from_checkpoint:
             self._check_resume(resume_from_checkpoint)
         rank = self.args.process_index

@@ -21,10 +21,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_vocabulary, finish, guarded, load_config,
-                                 load_tokenizer_and_pools, place_monitors, run_main, summarize, train_steps,
-                                 write_summary)
+from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags,  # noqa: E402
+                                 build_model, check_pool_dir, check_save_flags, check_vocabulary, finish, guarded,
+                                 load_config, load_tokenizer_and_pools, place_monitors, run_main, save_schedule,
+                                 stop_note, summarize, train_steps, write_summary)
+from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
 from ds_partitionsel.runs import check_run_dir  # noqa: E402
 
 
@@ -32,20 +33,24 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_flags(ap)
     ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
-    add_run_flags(ap, resume_help="resume from a checkpoint directory (a pickle: load only checkpoints you "
-                                  "trust); its pool and selection config must match this run's")
-    ap.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end")
+    add_run_flags(ap, resume_help="resume from the latest complete checkpoint of a --save-dir ('latest': of this "
+                                  "run's --save-dir; a pickle: load only checkpoints you trust); its pool and "
+                                  "selection config must match this run's")
+    add_save_flags(ap, what="a DeepSpeed checkpoint")
     return ap.parse_args(argv)
 
 
 def check_run_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    check_save_flags(args)
+    if args.resume == "latest":
+        args.resume = args.save_dir
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
         if not os.path.isdir(args.resume):
             raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
-        if not os.path.isfile(os.path.join(args.resume, "latest")):
+        if latest_complete_tag(args.resume) is None and not os.path.isfile(os.path.join(args.resume, "latest")):
             raise UsageError(f"--resume {args.resume} holds no DeepSpeed checkpoint (no 'latest' file); "
                              f"pass the --save-dir of an earlier run")
     if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")) and \
@@ -87,20 +92,29 @@ def train(args) -> int:
         if rank == 0:
             print(f"resuming from {args.resume} (checkpoints are pickles: only load ones you trust)",
                   file=sys.stderr, flush=True)
-        engine.load_checkpoint(args.resume, allow_changes=args.resume_allow_changes)
+        engine.load_checkpoint(args.resume, tag=latest_complete_tag(args.resume),
+                               allow_changes=args.resume_allow_changes)
         if args.steps <= engine.global_step:
             raise UsageError(f"--steps {args.steps} is not beyond the checkpoint's step {engine.global_step}: "
                              f"nothing to train (--steps counts from the start of the run)")
 
     eval_start = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) if args.eval_at_start else None
     t0 = time.perf_counter()
-    records = train_steps(engine.train_step, engine.global_step, args.steps, rank, engine.cfg.method)
-    eval_loss = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) if args.eval_at_end else None
+    saves = save_schedule(args, lambda step: guarded(f"saving the checkpoint at step {step}",
+                                                     lambda: engine.save_checkpoint(args.save_dir)), ps_cfg.timeout_s)
+    records = train_steps(engine.train_step, engine.global_step, args.steps, rank, engine.cfg.method,
+                          after_step=lambda: saves.after_step(engine.global_step))
+    stopped = saves.stopped_at is not None
+    eval_loss = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) \
+        if args.eval_at_end and not stopped else None
     if args.save_dir:
-        guarded(f"saving the checkpoint at step {engine.global_step}", lambda: engine.save_checkpoint(args.save_dir))
+        saves.final(engine.global_step)
+    stop_note(saves, rank, args.save_dir)
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, engine)
         summary["eval_loss_start"] = eval_start
+        if stopped:
+            summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)
     return finish(ps_cfg.timeout_s)
 

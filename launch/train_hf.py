@@ -21,10 +21,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, add_run_flags, build_model, check_pool_dir, check_vocabulary,  # noqa: E402
+from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, count_arg, add_run_flags, build_model, check_pool_dir, check_vocabulary,  # noqa: E402
                                  finish, load_config, load_tokenizer_and_pools, place_monitors, run_main,
                                  summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
+from ds_partitionsel.preemption import StopRequest, latest_complete_trainer_checkpoint  # noqa: E402
 from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
 
 
@@ -32,8 +33,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_flags(ap)
     ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
-    add_run_flags(ap, resume_help="a checkpoint-N folder of an earlier run ('last': the newest one in "
-                                  "--output-dir); pickles: load only checkpoints you trust")
+    add_run_flags(ap, resume_help="a checkpoint-N folder of an earlier run ('latest' or 'last': the newest "
+                                  "complete one in --output-dir); pickles: load only checkpoints you trust")
+    ap.add_argument("--save-interval", type=count_arg("--save-interval", 0), default=0,
+                    help="save a checkpoint-N folder every N steps (always: at the end, and on SIGTERM/SIGUSR1 "
+                         "at the next step boundary, then exit 0)")
     return ap.parse_args(argv)
 
 
@@ -52,7 +56,7 @@ def training_arguments(cfg: dict, args, ps_cfg):
         max_grad_norm=cfg.get("gradient_clipping", 0.0) or 0.0,
         bf16=bool((cfg.get("bf16") or {}).get("enabled")), fp16=bool((cfg.get("fp16") or {}).get("enabled")),
         lr_scheduler_type="constant",  # as the engine without a "scheduler" block; DeepSpeed's wins if given
-        save_strategy="steps", save_steps=max(args.steps, 1), logging_steps=1,
+        save_strategy="steps", save_steps=args.save_interval or max(args.steps, 1), logging_steps=1,
         report_to=[], disable_tqdm=False, seed=ps_cfg.seed, data_seed=ps_cfg.seed,
         use_cpu=os.environ.get("DS_ACCELERATOR") == "cpu", dataloader_num_workers=0,
     )
@@ -69,7 +73,12 @@ def train(args) -> int:
     cfg, ps_cfg = load_config(args.deepspeed_config, args)
     place_monitors(cfg, args.output_dir, args.deepspeed_config)
     resume = args.resume
-    if resume and resume != "last" and not os.path.isdir(resume):
+    if resume in ("last", "latest"):
+        resume = latest_complete_trainer_checkpoint(args.output_dir)
+        if resume is None:
+            raise UsageError(f"--resume {args.resume}: no complete checkpoint-N folder in --output-dir "
+                             f"{args.output_dir}; start without --resume, or pass the checkpoint folder")
+    elif resume and not os.path.isdir(resume):
         raise UsageError(f"--resume {resume}: no such checkpoint folder")
     check_run_dir(args.output_dir, resume=bool(resume))
     check_pool_dir(args.pool)
@@ -87,15 +96,16 @@ def train(args) -> int:
     check_vocabulary(args.pool, ("train", "valid"), model)
     targs = training_arguments(cfg, args, ps_cfg)
     trainer = PartitionSelTrainer(model=model, args=targs, processing_class=tokenizer, candidate_pool=pool,
-                                  valid_pool=valid, resume_allow_changes=args.resume_allow_changes)
+                                  valid_pool=valid, resume_allow_changes=args.resume_allow_changes,
+                                  stop_request=StopRequest().install())
     rank = targs.process_index
     if resume and rank == 0:
         print(f"resuming from {resume} (checkpoints are pickles: only load ones you trust)", file=sys.stderr)
     t0 = time.perf_counter()
     eval_start = None
     try:
-        trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-        if args.eval_at_end:
+        trainer.train(resume_from_checkpoint=resume)
+        if args.eval_at_end and trainer.stopped_at is None:
             eval_loss = trainer.evaluate_domains()
         else:
             eval_loss = None
@@ -110,6 +120,10 @@ def train(args) -> int:
         summary = summarize([s.to_json() for s in steps], eval_loss, time.perf_counter() - t0, trainer.selector)
         summary["eval_loss_start"] = eval_start
         summary["trainer"] = "transformers.Trainer"
+        if trainer.stopped_at is not None:
+            summary["stopped_by_signal_after_step"] = trainer.stopped_at
+            print(f"stopped by a signal after step {trainer.stopped_at}: checkpoint saved in {args.output_dir}; "
+                  f"continue with --resume latest", file=sys.stderr, flush=True)
         write_summary(summary, args.output_dir)
     return finish(ps_cfg.timeout_s)
 
