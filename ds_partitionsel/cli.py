@@ -19,7 +19,7 @@ from typing import Dict, Callable, Optional
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override, check_deepspeed_config
 from ds_partitionsel.loop import StepFailed, guarded
-from ds_partitionsel.runs import ResumeMismatchError, RunDirError
+from ds_partitionsel.runs import CheckpointError, ResumeMismatchError, RunDirError
 
 __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
            "add_run_flags", "add_save_flags", "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
@@ -286,7 +286,8 @@ def run_main(args, train_fn: Callable[..., int], *train_args) -> int:
     where = f"[rank {rank}] " if world > 1 else ""
     try:
         return train_fn(args, *train_args)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, CheckpointError,
+            ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     except StepFailed as e:

@@ -111,6 +111,12 @@ class PartitionSelEngine:
         return getattr(self.__dict__["engine"], name)
 
     @property
+    def run_id(self) -> Optional[str]:
+        """The id of this run (rank 0 with an output directory; None elsewhere): in its run
+        directory and its checkpoints' resume records."""
+        return self.sink.run_id
+
+    @property
     def global_step(self) -> int:
         """Steps trained so far: the next step to select."""
         return self.selector.global_step
@@ -173,6 +179,7 @@ class PartitionSelEngine:
         early = read_resume_record(load_dir, tag)
         if early is not None:
             check_resume(early, current, load_dir, allow_changes)
+            self.sink.adopt_run_id(early.get("run_id"), load_dir)  # this log must be the checkpoint's run's
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {load_dir} (tag {tag!r})")
@@ -181,6 +188,8 @@ class PartitionSelEngine:
             raise ValueError(f"checkpoint {path} has no '{CLIENT_STATE_KEY}' client state: it was not "
                              f"saved by a PartitionSelEngine")
         diffs = check_resume(state, current, path, allow_changes)
+        if early is None:
+            self.sink.adopt_run_id(state.get("run_id"), path)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", path, "; ".join(diffs))
         self.selector.load_state_dict(client_state.get(SELECTOR_STATE_KEY, {}))

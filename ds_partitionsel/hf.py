@@ -41,7 +41,7 @@ from ds_partitionsel.config import ConfigError, PartitionSelConfig, split_deepsp
 from ds_partitionsel.loop import TrainStep
 from ds_partitionsel.preemption import latest_complete_trainer_checkpoint
 from ds_partitionsel.records import MetricsSink, monitor_events
-from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
+from ds_partitionsel.runs import RESUME_RECORD, check_resume, read_resume_record, resume_record
 from ds_partitionsel.selector import Selector, check_pools, pool_size_for
 
 logger = logging.getLogger("ds_partitionsel")
@@ -122,6 +122,7 @@ class _PartitionSelCallback(transformers.TrainerCallback):
             folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if os.path.isdir(folder):
                 record = resume_record(tr.selector)
+                record["run_id"] = tr.sink.run_id if tr.sink is not None else None
                 with open(os.path.join(folder, RESUME_RECORD), "w") as fh:
                     json.dump(record, fh, indent=1)
                 state = tr.selector.state_dict()
@@ -197,25 +198,26 @@ class PartitionSelTrainer(transformers.Trainer):
             resume_from_checkpoint = latest_complete_trainer_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint-N folder in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            self._check_resume(resume_from_checkpoint)
+        saved = self._check_resume(resume_from_checkpoint) if resume_from_checkpoint else None
         rank = self.args.process_index
         self.sink = MetricsSink(self.args.output_dir, rank=rank, resume=bool(resume_from_checkpoint))
+        if saved is not None:  # this log must be the checkpoint's run's
+            self.sink.adopt_run_id(saved.get("run_id"), resume_from_checkpoint)
         self._resume_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _check_resume(self, folder) -> None:
+    def _check_resume(self, folder) -> dict:
         path = os.path.join(folder, RESUME_RECORD)
         if not os.path.isfile(path):
             raise ValueError(f"{folder} holds no {RESUME_RECORD}: it is not a checkpoint of a PartitionSelTrainer")
-        with open(path) as fh:
-            saved = json.load(fh)
+        saved = read_resume_record(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
         here = SimpleNamespace(global_step=saved.get("global_step"), cfg=self.ps_config,
                                pool_size=pool_size_for(self.ps_config, self.batch_size),
                                batch_size=self.batch_size, pool=self.candidate_pool, valid_pool=self.valid_pool)
         diffs = check_resume(saved, resume_record(here), folder, self.resume_allow_changes)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", folder, "; ".join(diffs))
+        return saved
 
     def _build_selector(self) -> Selector:
         return Selector(self.model, self.ps_config, self.candidate_pool, self.valid_pool,

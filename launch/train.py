@@ -26,7 +26,7 @@ from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add
                                  load_config, load_tokenizer_and_pools, place_monitors, run_main, save_schedule,
                                  stop_note, summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
-from ds_partitionsel.runs import check_run_dir  # noqa: E402
+from ds_partitionsel.runs import check_run_dir, check_run_owner, read_resume_record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,6 +53,9 @@ def check_run_dirs(args):
         if latest_complete_tag(args.resume) is None and not os.path.isfile(os.path.join(args.resume, "latest")):
             raise UsageError(f"--resume {args.resume} holds no DeepSpeed checkpoint (no 'latest' file); "
                              f"pass the --save-dir of an earlier run")
+        # plain JSON, before anything is built: a damaged record, and a log of another run, stop here
+        saved = read_resume_record(args.resume, latest_complete_tag(args.resume)) or {}
+        check_run_owner(args.output_dir, saved.get("run_id"), args.resume)
     if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")) and \
             not (args.resume and os.path.samefile(args.save_dir, args.resume)):
         raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a "
@@ -113,6 +116,7 @@ def train(args) -> int:
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, engine)
         summary["eval_loss_start"] = eval_start
+        summary["run_id"] = engine.run_id
         if stopped:
             summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)

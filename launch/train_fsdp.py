@@ -177,6 +177,7 @@ def train(args, world: int) -> int:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, trainer)
         summary.update(eval_loss_start=eval_start, trainer="fsdp2", mesh=shape, device=str(device),
                        bf16=mp is not None)
+        summary["run_id"] = trainer.run_id
         if stopped:
             summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)

@@ -26,7 +26,8 @@ from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, count_
                                  summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.preemption import StopRequest, latest_complete_trainer_checkpoint  # noqa: E402
-from ds_partitionsel.runs import ResumeMismatchError, RunDirError, check_run_dir  # noqa: E402
+from ds_partitionsel.runs import (CheckpointError, ResumeMismatchError, RunDirError, check_run_dir, check_run_owner,  # noqa: E402
+                                  read_resume_record)
 
 
 def parse_args(argv=None):
@@ -81,6 +82,10 @@ def train(args) -> int:
     elif resume and not os.path.isdir(resume):
         raise UsageError(f"--resume {resume}: no such checkpoint folder")
     check_run_dir(args.output_dir, resume=bool(resume))
+    if resume:  # plain JSON, before anything is built: a damaged record, and a log of another run, stop here
+        folder = os.path.abspath(resume)
+        saved = read_resume_record(os.path.dirname(folder), os.path.basename(folder)) or {}
+        check_run_owner(args.output_dir, saved.get("run_id"), resume)
     check_pool_dir(args.pool)
     import torch
 
@@ -109,7 +114,7 @@ def train(args) -> int:
             eval_loss = trainer.evaluate_domains()
         else:
             eval_loss = None
-    except (ConfigError, ResumeMismatchError, RunDirError, UsageError):
+    except (ConfigError, ResumeMismatchError, RunDirError, CheckpointError, UsageError):
         raise
     except Exception as e:  # noqa: BLE001 - one line naming the step
         first = (str(e).strip().splitlines() or [""])[0]
@@ -120,6 +125,7 @@ def train(args) -> int:
         summary = summarize([s.to_json() for s in steps], eval_loss, time.perf_counter() - t0, trainer.selector)
         summary["eval_loss_start"] = eval_start
         summary["trainer"] = "transformers.Trainer"
+        summary["run_id"] = trainer.sink.run_id
         if trainer.stopped_at is not None:
             summary["stopped_by_signal_after_step"] = trainer.stopped_at
             print(f"stopped by a signal after step {trainer.stopped_at}: checkpoint saved in {args.output_dir}; "
