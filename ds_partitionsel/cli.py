@@ -22,7 +22,8 @@ from ds_partitionsel.loop import StepFailed, guarded
 from ds_partitionsel.runs import CheckpointError, ResumeMismatchError, RunDirError
 
 __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
-           "add_run_flags", "add_save_flags", "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
+           "add_run_flags", "add_save_flags", "check_writable", "check_writable_dirs", "check_save_flags",
+           "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
            "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps", "finish", "summarize",
            "write_summary", "run_command", "report_run", "MONITORS"]
 
@@ -112,6 +113,43 @@ def check_save_flags(args) -> None:
         raise UsageError(f"--save-interval {args.save_interval} needs --save-dir (where to save)")
     if args.resume == "latest" and not args.save_dir:
         raise UsageError("--resume latest continues the checkpoints of --save-dir: pass --save-dir")
+
+
+def check_writable(path: Optional[str], flag: str) -> None:
+    """Refuse, before anything is built, a ``flag`` directory this process cannot write (read-only
+    file system, no permission, a file in the way): found after hours of training otherwise. The
+    probe is a real file created (and removed) in ``path`` or, when it does not exist yet, in its
+    nearest existing parent (where it will be created)."""
+    import errno
+    import tempfile
+
+    if not path:
+        return
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"{flag} {path} is a file, not a directory: choose a directory")
+    probe_dir = target
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise UsageError(f"{flag} {path}: {probe_dir} is a file, so the directory cannot be created; choose "
+                         f"another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = {errno.EROFS: "a read-only file system", errno.EACCES: "no permission to write there",
+               errno.EPERM: "no permission to write there", errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+        where = "" if probe_dir == target else f" (its parent {probe_dir}, where it would be created)"
+        raise UsageError(f"{flag} {path} is not writable{where}: {why}; choose a writable directory") from None
+
+
+def check_writable_dirs(args) -> None:
+    """:func:`check_writable` for ``--output-dir`` and ``--save-dir`` (those a script has)."""
+    check_writable(getattr(args, "output_dir", None), "--output-dir")
+    check_writable(getattr(args, "save_dir", None), "--save-dir")
 
 
 def save_schedule(args, save, timeout_s, stoppable: bool = True):

@@ -118,7 +118,8 @@ def pool_fingerprint(pool) -> str:
 
 def resume_record(engine) -> dict:
     """What a checkpoint of ``engine`` (a PartitionSelEngine) must match to be resumed."""
-    return {"global_step": engine.global_step, "run_id": getattr(engine, "run_id", None), "config": engine.cfg.to_dict(),
+    return {"global_step": engine.global_step, "run_id": getattr(engine, "run_id", None),
+            "config": engine.cfg.to_dict(),
             "pool_size": engine.pool_size, "batch_size": engine.batch_size,
             "pool_fingerprint": {"train": pool_fingerprint(engine.pool),
                                  "valid": pool_fingerprint(engine.valid_pool)},

@@ -22,9 +22,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags,  # noqa: E402
-                                 build_model, check_pool_dir, check_save_flags, check_vocabulary, finish, guarded,
-                                 load_config, load_tokenizer_and_pools, place_monitors, run_main, save_schedule,
-                                 stop_note, summarize, train_steps, write_summary)
+                                 build_model, check_pool_dir, check_save_flags, check_vocabulary,
+                                 check_writable_dirs, finish, guarded, load_config, load_tokenizer_and_pools,
+                                 place_monitors, run_main, save_schedule, stop_note, summarize, train_steps,
+                                 write_summary)
 from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
 from ds_partitionsel.runs import check_run_dir, check_run_owner, read_resume_record  # noqa: E402
 
@@ -43,6 +44,7 @@ def parse_args(argv=None):
 def check_run_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
     check_save_flags(args)
+    check_writable_dirs(args)
     if args.resume == "latest":
         args.resume = args.save_dir
     if args.output_dir:

@@ -24,9 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags,  # noqa: E402
-                                 build_model, check_pool_dir, check_save_flags, check_vocabulary, finish, guarded,
-                                 load_tokenizer_and_pools, read_config, run_main, save_schedule, stop_note,
-                                 summarize, train_steps, write_summary)
+                                 build_model, check_pool_dir, check_save_flags, check_vocabulary,
+                                 check_writable_dirs, finish, guarded, load_tokenizer_and_pools, read_config,
+                                 run_main, save_schedule, stop_note, summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import write_latest  # noqa: E402
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
 from ds_partitionsel.runs import check_run_dir  # noqa: E402
@@ -90,6 +90,7 @@ def checkpoint_folder(path: str) -> str:
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
     check_save_flags(args)
+    check_writable_dirs(args)
     if args.resume == "latest":
         args.resume = args.save_dir
     if args.output_dir:

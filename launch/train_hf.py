@@ -21,13 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, count_arg, add_run_flags, build_model, check_pool_dir, check_vocabulary,  # noqa: E402
+from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, check_writable_dirs, count_arg,  # noqa: E402
+                                 add_run_flags, build_model, check_pool_dir, check_vocabulary,
                                  finish, load_config, load_tokenizer_and_pools, place_monitors, run_main,
                                  summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.preemption import StopRequest, latest_complete_trainer_checkpoint  # noqa: E402
-from ds_partitionsel.runs import (CheckpointError, ResumeMismatchError, RunDirError, check_run_dir, check_run_owner,  # noqa: E402
-                                  read_resume_record)
+from ds_partitionsel.runs import (CheckpointError, ResumeMismatchError, RunDirError,  # noqa: E402
+                                  check_run_dir, check_run_owner, read_resume_record)
 
 
 def parse_args(argv=None):
@@ -73,6 +74,7 @@ def train(args) -> int:
         raise UsageError("--output-dir is required: the Trainer writes its checkpoints there")
     cfg, ps_cfg = load_config(args.deepspeed_config, args)
     place_monitors(cfg, args.output_dir, args.deepspeed_config)
+    check_writable_dirs(args)
     resume = args.resume
     if resume in ("last", "latest"):
         resume = latest_complete_trainer_checkpoint(args.output_dir)

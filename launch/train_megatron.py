@@ -85,8 +85,10 @@ def load_config(args, dp: int):
 
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    from ds_partitionsel.cli import check_writable_dirs
     from ds_partitionsel.megatron_loop import CHECKPOINT_LATEST, checkpoint_folder
 
+    check_writable_dirs(args)
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:

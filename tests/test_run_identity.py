@@ -91,3 +91,45 @@ def test_trainer_resume_into_another_runs_directory_is_refused(real, tmp_path):
     proc = _train("launch/train_hf.py", real, "--output-dir", str(b), "--resume", str(a / "checkpoint-2"), steps=3)
     _one_error(proc, id_a, str(b))
     assert {p: (b / p).read_bytes() for p in before} == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro; root itself cannot write there)."""
+    import shutil
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+UNWRITABLE = [  # script, the flag under test, other flags
+    ("launch/train.py", "--save-dir", ["--output-dir", "{tmp}/run"]),
+    ("launch/train.py", "--output-dir", []),
+    ("launch/train_hf.py", "--output-dir", []),
+    ("launch/train_fsdp.py", "--save-dir", ["--output-dir", "{tmp}/run"]),
+]
+
+
+@pytest.mark.parametrize("script,flag,rest", UNWRITABLE)
+def test_read_only_directory_is_refused_before_any_model_is_built(real, tmp_path, read_only_dir, script, flag, rest):
+    rest = [a.format(tmp=tmp_path) for a in rest]
+    proc = _train(script, real, flag, str(read_only_dir / "sub"), *rest)
+    _one_error(proc, f"{flag} {read_only_dir / 'sub'} is not writable", "read-only file system")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("script,flag,rest", UNWRITABLE[:1] + UNWRITABLE[2:3])
+def test_a_file_in_the_way_of_a_directory_is_refused(real, tmp_path, script, flag, rest):
+    rest = [a.format(tmp=tmp_path) for a in rest]
+    (tmp_path / "file").write_text("x")
+    proc = _train(script, real, flag, str(tmp_path / "file" / "sub"), *rest)
+    _one_error(proc, f"{flag} {tmp_path / 'file' / 'sub'}", "is a file")
