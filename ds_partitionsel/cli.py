@@ -387,11 +387,14 @@ def summarize(records, eval_loss, seconds, engine):
 
 
 def write_summary(summary: dict, output_dir: Optional[str]) -> None:
-    """Print the summary and write ``output_dir/summary.json`` (rank 0 calls it)."""
-    print(json.dumps(summary, indent=2))
+    """Print the summary and write ``output_dir/summary.json`` (rank 0 calls it) as strict JSON:
+    a non-finite loss is the string "NaN" / "Infinity" (:mod:`ds_partitionsel.records`), never a
+    bare NaN that JSON readers reject."""
+    from ds_partitionsel.records import dumps, write_json
+
+    print(dumps(summary, indent=2))
     if output_dir:
-        with open(os.path.join(output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
+        write_json(os.path.join(output_dir, "summary.json"), summary)
 
 
 # ----------------------------------------------------------------------------- demos
@@ -409,8 +412,10 @@ def report_run(repo: str, out: str, title: str, batch_detail: str) -> dict:
     held-out loss per domain before -> after, the selected mix. ``batch_detail`` is formatted
     with the summary."""
     run_command([sys.executable, "tools/analyze_run.py", out, "--out", os.path.join(out, "report")], cwd=repo)
+    from ds_partitionsel.records import loads
+
     with open(os.path.join(repo, out, "summary.json")) as fh:
-        summary = json.load(fh)
+        summary = loads(fh.read())
     print(f"\n=== {title} summary ===")
     print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
           f"batch {summary['batch_size']} " + batch_detail.format(**summary))

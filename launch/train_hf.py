@@ -101,6 +101,8 @@ def train(args) -> int:
     tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    if args.lr is not None and cfg.get("optimizer"):  # HF refuses a config whose lr differs from its own
+        cfg["optimizer"].setdefault("params", {})["lr"] = args.lr
     targs = training_arguments(cfg, args, ps_cfg)
     trainer = PartitionSelTrainer(model=model, args=targs, processing_class=tokenizer, candidate_pool=pool,
                                   valid_pool=valid, resume_allow_changes=args.resume_allow_changes,
@@ -116,7 +118,7 @@ def train(args) -> int:
             eval_loss = trainer.evaluate_domains()
         else:
             eval_loss = None
-    except (ConfigError, ResumeMismatchError, RunDirError, CheckpointError, UsageError):
+    except (ConfigError, ResumeMismatchError, RunDirError, CheckpointError, UsageError, StepFailed):
         raise
     except Exception as e:  # noqa: BLE001 - one line naming the step
         first = (str(e).strip().splitlines() or [""])[0]

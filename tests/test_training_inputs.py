@@ -1,0 +1,65 @@
+"""Training-side inputs and failures of the launch scripts: a diverged loss fails naming the step,
+summaries are strict JSON, and bad inputs are one ``error:`` line (exit 2) before any model is
+built."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from real_pool import build_real_pool
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return build_real_pool(tmp_path_factory.mktemp("real"))
+
+
+def _train(script, real, *args, steps=2, config="ds_configs/zero2.json"):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    cmd = [sys.executable, script, "--tiny", "llama", "--num-layers", "2", "--tokenizer", str(real["tokenizer"]),
+           "--pool", str(real["pool"]), "--deepspeed_config", config, "--steps", str(steps), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _errors(proc):
+    return [line for line in proc.stderr.strip().splitlines() if "error:" in line]
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/train_hf.py"])
+def test_random_method_with_a_diverged_loss_fails_naming_the_step(real, tmp_path, script):
+    # Adam's first steps move every weight by about the learning rate: 1e20 overflows within a few steps
+    proc = _train(script, real, "--method", "random", "--lr", "1e20", "--output-dir", str(tmp_path / "run"),
+                  steps=6)
+    assert proc.returncode == 1, proc.stdout[-1000:] + proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "training step" in errors[0] and "not finite" in errors[0], proc.stderr[-3000:]
+    records = [_strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("kind") == "step"][-1]
+    assert f"training step {last['step']} " in errors[0]  # the step whose loss the log shows diverged
+    assert isinstance(last["train_loss"], str) and not math.isfinite(float(last["train_loss"]))
+
+
+def test_summary_with_a_nan_loss_is_strict_json(tmp_path, capsys):
+    from ds_partitionsel.cli import write_summary
+    from ds_partitionsel.records import loads
+
+    write_summary({"first_loss": 2.5, "last_loss": float("nan"), "eval_loss": {"a": float("inf")}}, str(tmp_path))
+    text = (tmp_path / "summary.json").read_text()
+    assert _strict(text)["last_loss"] == "NaN"
+    back = loads(text)
+    assert math.isnan(back["last_loss"]) and back["eval_loss"]["a"] == float("inf")
+    _strict(capsys.readouterr().out)  # the printed summary too
