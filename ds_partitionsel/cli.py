@@ -21,11 +21,11 @@ from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_overri
 from ds_partitionsel.loop import StepFailed, guarded
 from ds_partitionsel.runs import CheckpointError, ResumeMismatchError, RunDirError
 
-__all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
-           "add_run_flags", "add_save_flags", "check_writable", "check_writable_dirs", "check_save_flags",
-           "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
-           "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps", "finish", "summarize",
-           "write_summary", "run_command", "report_run", "MONITORS"]
+__all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags", "add_run_flags",
+           "add_save_flags", "check_ranks_agree", "check_writable", "check_writable_dirs", "check_save_flags",
+           "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir",
+           "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps",
+           "finish", "summarize", "write_summary", "run_command", "report_run", "MONITORS"]
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
 
@@ -113,6 +113,32 @@ def check_save_flags(args) -> None:
         raise UsageError(f"--save-interval {args.save_interval} needs --save-dir (where to save)")
     if args.resume == "latest" and not args.save_dir:
         raise UsageError("--resume latest continues the checkpoints of --save-dir: pass --save-dir")
+
+
+def check_ranks_agree(ps_cfg: PartitionSelConfig, timeout_s: float) -> None:
+    """Refuse, at the start (right after the process group is up), ranks started with different
+    ``partitionsel`` configs (another ``--seed``, ``--set`` or config file on one rank): they would
+    select different batches and fail later with a misleading message. A ``ConfigError`` on every
+    rank, naming the seeds when they differ."""
+    import hashlib
+
+    import torch
+
+    from ds_partitionsel.collectives import Communicator
+
+    comm = Communicator(None, timeout_s, "the config check at the start")
+    if comm.world == 1:
+        return
+    text = json.dumps(ps_cfg.to_dict(), sort_keys=True, default=str)
+    digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:7], "big")  # fits in int64
+    rows = comm.all_gather(torch.tensor([digest, int(ps_cfg.seed)], dtype=torch.int64),
+                           "all-gather of each rank's config hash")
+    hashes, seeds = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+    if len(set(hashes)) > 1:
+        others = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        seed_note = f" (partitionsel.seed by rank: {seeds})" if len(set(seeds)) > 1 else ""
+        raise ConfigError(f"the partitionsel config differs between ranks{seed_note}: rank(s) {others} disagree "
+                          f"with rank 0; start every rank with the same config file, --seed, --method and --set")
 
 
 def check_writable(path: Optional[str], flag: str) -> None:

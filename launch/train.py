@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags,  # noqa: E402
-                                 build_model, check_pool_dir, check_save_flags, check_vocabulary,
+from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
+                                 check_pool_dir, check_ranks_agree, check_save_flags, check_vocabulary,
                                  check_writable_dirs, finish, guarded, load_config, load_tokenizer_and_pools,
                                  place_monitors, run_main, save_schedule, stop_note, summarize, train_steps,
                                  write_summary)
@@ -74,6 +74,10 @@ def train(args) -> int:
     from ds_partitionsel.engine import initialize
     from ds_partitionsel.launch_env import init_distributed
 
+    # every collective of the job (DeepSpeed's included) waits at most partitionsel.timeout_s;
+    # the ranks' configs are compared before any model is built
+    init_distributed(timeout_s=ps_cfg.timeout_s)
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     torch.manual_seed(ps_cfg.seed)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -88,8 +92,6 @@ def train(args) -> int:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         cfg.pop("optimizer", None)
 
-    # every collective of the job (DeepSpeed's included) waits at most partitionsel.timeout_s
-    init_distributed(timeout_s=ps_cfg.timeout_s)
     rank = torch.distributed.get_rank()
     engine, _, _, _ = initialize(model, cfg, pool, valid, optimizer=optimizer, tokenizer=tokenizer,
                                  output_dir=args.output_dir, resume=bool(args.resume))

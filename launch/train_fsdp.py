@@ -23,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags,  # noqa: E402
-                                 build_model, check_pool_dir, check_save_flags, check_vocabulary,
+from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
+                                 check_pool_dir, check_ranks_agree, check_save_flags, check_vocabulary,
                                  check_writable_dirs, finish, guarded, load_tokenizer_and_pools, read_config,
                                  run_main, save_schedule, stop_note, summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import write_latest  # noqa: E402
@@ -132,6 +132,7 @@ def train(args, world: int) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     init_distributed(timeout_s=ps_cfg.timeout_s)
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     rank = torch.distributed.get_rank()
     mp = None
     if (cfg.get("bf16") or {}).get("enabled"):

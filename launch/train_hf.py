@@ -21,10 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, check_writable_dirs, count_arg,  # noqa: E402
-                                 add_run_flags, build_model, check_pool_dir, check_vocabulary,
-                                 finish, load_config, load_tokenizer_and_pools, place_monitors, run_main,
-                                 summarize, write_summary)
+from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, add_run_flags, build_model,  # noqa: E402
+                                 check_pool_dir, check_ranks_agree, check_vocabulary, check_writable_dirs,
+                                 count_arg, finish, load_config, load_tokenizer_and_pools, place_monitors,
+                                 run_main, summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.preemption import StopRequest, latest_complete_trainer_checkpoint  # noqa: E402
 from ds_partitionsel.runs import (CheckpointError, ResumeMismatchError, RunDirError,  # noqa: E402
@@ -72,6 +72,9 @@ def training_arguments(cfg: dict, args, ps_cfg):
 def train(args) -> int:
     if not args.output_dir:
         raise UsageError("--output-dir is required: the Trainer writes its checkpoints there")
+    if args.steps == 0:
+        raise UsageError("--steps 0 (evaluate only) is launch/train.py's: the Trainer trains at least one step; "
+                         "run launch/train.py --steps 0 --eval-at-start for an evaluation, or pass --steps N > 0")
     cfg, ps_cfg = load_config(args.deepspeed_config, args)
     place_monitors(cfg, args.output_dir, args.deepspeed_config)
     check_writable_dirs(args)
@@ -97,6 +100,7 @@ def train(args) -> int:
 
     # before the Trainer does it: our timeout for every collective, no shm-op compile on CPU
     init_distributed(timeout_s=ps_cfg.timeout_s)
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     torch.manual_seed(ps_cfg.seed)
     tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)

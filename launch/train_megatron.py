@@ -165,6 +165,9 @@ def train(args, world: int) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     init_distributed(timeout_s=ps_cfg.timeout_s)
+    from ds_partitionsel.cli import check_ranks_agree
+
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     import torch.distributed as dist
 
     rank = dist.get_rank()

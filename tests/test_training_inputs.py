@@ -63,3 +63,73 @@ def test_summary_with_a_nan_loss_is_strict_json(tmp_path, capsys):
     back = loads(text)
     assert math.isnan(back["last_loss"]) and back["eval_loss"]["a"] == float("inf")
     _strict(capsys.readouterr().out)  # the printed summary too
+
+
+def _start_ranks(script, args_by_rank):
+    from distributed_utils import free_port
+
+    port = free_port()
+    procs = []
+    for rank, args in enumerate(args_by_rank):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(args_by_rank)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/train_hf.py"])
+def test_ranks_started_with_different_seeds_are_refused_at_the_start(real, tmp_path, script):
+    common = ["--tiny", "llama", "--num-layers", "2", "--tokenizer", str(real["tokenizer"]), "--pool",
+              str(real["pool"]), "--deepspeed_config", "ds_configs/zero2.json", "--steps", "2",
+              "--output-dir", str(tmp_path / "run")]
+    outs = _start_ranks(script, [common + ["--seed", "1"], common + ["--seed", "2"]])
+    for rank, (rc, out, err) in enumerate(outs):
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert rc == 2 and len(errors) == 1, (rank, rc, err[-3000:])
+        assert f"[rank {rank}] error: the partitionsel config differs between ranks" in errors[0]
+        assert "seed by rank: [1, 2]" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_train_hf_steps_0_says_what_to_run_instead(real, tmp_path):
+    proc = _train("launch/train_hf.py", real, "--output-dir", str(tmp_path / "run"), steps=0)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "--steps 0" in errors[0] and "launch/train.py --steps 0" in errors[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(real, tmp_path_factory):
+    """A real 2-step DeepSpeed checkpoint of launch/train.py."""
+    root = tmp_path_factory.mktemp("ckpt")
+    proc = _train("launch/train.py", real, "--output-dir", str(root / "run"), "--save-dir", str(root / "ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_truncated_resume_record_is_one_error_line(real, tmp_path, checkpoint):
+    ckpt = _copy(checkpoint / "ckpt", tmp_path / "ckpt")
+    record = ckpt / "global_step2" / "partitionsel_resume.json"
+    record.write_text(record.read_text()[:40])  # a save cut short
+    proc = _train("launch/train.py", real, "--output-dir", str(tmp_path / "run"), "--resume", str(ckpt), steps=3)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and str(record) in errors[0] and "not a valid resume record" in errors[0], proc.stderr
+
+
+def test_latest_naming_a_missing_tag_is_one_error_line(real, tmp_path, checkpoint):
+    ckpt = _copy(checkpoint / "ckpt", tmp_path / "ckpt")
+    (ckpt / "global_step2").rename(ckpt / "moved")
+    proc = _train("launch/train.py", real, "--output-dir", str(tmp_path / "run"), "--resume", str(ckpt), steps=3)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "names the checkpoint 'global_step2', which is not in" in errors[0], proc.stderr
