@@ -22,10 +22,11 @@ from ds_partitionsel.loop import StepFailed, guarded
 from ds_partitionsel.runs import CheckpointError, ResumeMismatchError, RunDirError
 
 __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags", "add_run_flags",
-           "add_save_flags", "check_ranks_agree", "check_writable", "check_writable_dirs", "check_save_flags",
-           "save_schedule", "stop_note", "read_config", "load_config", "place_monitors", "check_pool_dir",
-           "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps",
-           "finish", "summarize", "write_summary", "run_command", "report_run", "MONITORS"]
+           "add_save_flags", "check_ranks_agree", "check_sketch_modules", "check_writable", "check_writable_dirs",
+           "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors",
+           "check_pool_dir", "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools",
+           "run_main", "train_steps", "finish", "summarize", "write_summary", "run_command", "report_run",
+           "MONITORS"]
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
 
@@ -113,6 +114,23 @@ def check_save_flags(args) -> None:
         raise UsageError(f"--save-interval {args.save_interval} needs --save-dir (where to save)")
     if args.resume == "latest" and not args.save_dir:
         raise UsageError("--resume latest continues the checkpoints of --save-dir: pass --save-dir")
+
+
+def check_sketch_modules(model, ps_cfg: PartitionSelConfig) -> None:
+    """Refuse, right after the model is built (before DeepSpeed / FSDP wrap it and before any
+    step), a ``partitionsel.sketch.modules`` that selects no ``nn.Linear`` of it: a
+    ``ConfigError`` that lists the names there are. Forward-only head modes and a proxy scorer
+    sketch other modules; they are checked where they are built."""
+    sk = ps_cfg.sketch
+    if sk.mode in ("head", "head_kron") or sk.proxy_model is not None or sk.proxy_config is not None:
+        return
+    from ds_partitionsel.sketch import resolve_modules
+
+    try:
+        resolve_modules(model, sk.modules)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"partitionsel.sketch.modules: {e}. Choose modules this model has (e.g. --set "
+                          f"sketch.modules=2 for the last 2 blocks, or 'all_linear')") from None
 
 
 def check_ranks_agree(ps_cfg: PartitionSelConfig, timeout_s: float) -> None:

@@ -22,10 +22,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_ranks_agree, check_save_flags, check_vocabulary,
-                                 check_writable_dirs, finish, guarded, load_config, load_tokenizer_and_pools,
-                                 place_monitors, run_main, save_schedule, stop_note, summarize, train_steps,
-                                 write_summary)
+                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
+                                 check_vocabulary, check_writable_dirs, finish, guarded, load_config,
+                                 load_tokenizer_and_pools, place_monitors, run_main, save_schedule, stop_note,
+                                 summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
 from ds_partitionsel.runs import check_run_dir, check_run_owner, read_resume_record  # noqa: E402
 
@@ -84,6 +84,7 @@ def train(args) -> int:
     tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    check_sketch_modules(model, ps_cfg)
     if args.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
     optimizer = None

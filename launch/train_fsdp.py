@@ -24,9 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_ranks_agree, check_save_flags, check_vocabulary,
-                                 check_writable_dirs, finish, guarded, load_tokenizer_and_pools, read_config,
-                                 run_main, save_schedule, stop_note, summarize, train_steps, write_summary)
+                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
+                                 check_vocabulary, check_writable_dirs, finish, guarded,
+                                 load_tokenizer_and_pools, read_config, run_main, save_schedule, stop_note,
+                                 summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import write_latest  # noqa: E402
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
 from ds_partitionsel.runs import check_run_dir  # noqa: E402
@@ -124,6 +125,7 @@ def train(args, world: int) -> int:
     check_pool_fit(ps_cfg, batch_size, world, len(pool))
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    check_sketch_modules(model, ps_cfg)
     opt = (cfg.get("optimizer") or {}).get("params", {})
     lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
 

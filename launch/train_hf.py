@@ -22,9 +22,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
 from ds_partitionsel.cli import (StepFailed, UsageError, add_model_flags, add_run_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_ranks_agree, check_vocabulary, check_writable_dirs,
-                                 count_arg, finish, load_config, load_tokenizer_and_pools, place_monitors,
-                                 run_main, summarize, write_summary)
+                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_vocabulary,
+                                 check_writable_dirs, count_arg, finish, load_config, load_tokenizer_and_pools,
+                                 place_monitors, run_main, summarize, write_summary)
 from ds_partitionsel.config import ConfigError  # noqa: E402
 from ds_partitionsel.preemption import StopRequest, latest_complete_trainer_checkpoint  # noqa: E402
 from ds_partitionsel.runs import (CheckpointError, ResumeMismatchError, RunDirError,  # noqa: E402
@@ -105,6 +105,7 @@ def train(args) -> int:
     tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    check_sketch_modules(model, ps_cfg)
     if args.lr is not None and cfg.get("optimizer"):  # HF refuses a config whose lr differs from its own
         cfg["optimizer"].setdefault("params", {})["lr"] = args.lr
     targs = training_arguments(cfg, args, ps_cfg)

@@ -133,3 +133,13 @@ def test_latest_naming_a_missing_tag_is_one_error_line(real, tmp_path, checkpoin
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = _errors(proc)
     assert len(errors) == 1 and "names the checkpoint 'global_step2', which is not in" in errors[0], proc.stderr
+
+
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/train_hf.py", "launch/train_fsdp.py"])
+def test_sketch_modules_matching_nothing_is_one_error_line_before_training(real, tmp_path, script):
+    proc = _train(script, real, "--set", "sketch.modules=no_such_module", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "partitionsel.sketch.modules" in errors[0] and "no_such_module" in errors[0] \
+        and "Available nn.Linear names" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
