@@ -143,3 +143,17 @@ def test_sketch_modules_matching_nothing_is_one_error_line_before_training(real,
     assert len(errors) == 1 and "partitionsel.sketch.modules" in errors[0] and "no_such_module" in errors[0] \
         and "Available nn.Linear names" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_truncated_trainer_resume_record_is_one_error_line_not_blamed_on_a_step(real, tmp_path):
+    run = tmp_path / "run"
+    proc = _train("launch/train_hf.py", real, "--output-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = run / "checkpoint-2" / "partitionsel_resume.json"
+    record.write_text(record.read_text()[:30])
+    proc = _train("launch/train_hf.py", real, "--output-dir", str(run), "--resume", str(run / "checkpoint-2"),
+                  steps=3)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "not a valid resume record" in errors[0] and "training step" not in errors[0], \
+        proc.stderr[-3000:]
