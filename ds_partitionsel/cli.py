@@ -19,12 +19,14 @@ from typing import Dict, Callable, Optional
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, apply_override, check_deepspeed_config
 from ds_partitionsel.loop import StepFailed, guarded
-from ds_partitionsel.runs import ResumeMismatchError, RunDirError
+from ds_partitionsel.runs import CheckpointError, ResumeMismatchError, RunDirError
 
-__all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags",
-           "add_run_flags", "read_config", "load_config", "place_monitors", "check_pool_dir", "max_token_id",
-           "check_vocabulary", "build_model", "load_tokenizer_and_pools", "run_main", "train_steps", "finish", "summarize",
-           "write_summary", "run_command", "report_run", "MONITORS"]
+__all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float", "add_model_flags", "add_run_flags",
+           "add_save_flags", "check_ranks_agree", "check_sketch_modules", "check_writable", "check_writable_dirs",
+           "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors",
+           "check_pool_dir", "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools",
+           "run_main", "train_steps", "finish", "summarize", "write_summary", "run_command", "report_run",
+           "MONITORS"]
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
 
@@ -93,6 +95,121 @@ def add_run_flags(ap: argparse.ArgumentParser, *, resume_help: str) -> None:
     ap.add_argument("--eval-at-start", action="store_true", help="held-out loss per domain before the first step")
     ap.add_argument("--eval-at-end", action="store_true", help="held-out loss per domain after the last step")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_save_flags(ap: argparse.ArgumentParser, *, what: str) -> None:
+    """``--save-dir`` and ``--save-interval`` (the end of the run, every N steps, and on SIGTERM /
+    SIGUSR1 at the next step boundary: :mod:`ds_partitionsel.preemption`)."""
+    ap.add_argument("--save-dir", default=None,
+                    help=f"save {what} here at the end, every --save-interval steps, and on SIGTERM/SIGUSR1 "
+                         f"(at the next step boundary, then exit 0)")
+    ap.add_argument("--save-interval", type=count_arg("--save-interval", 0), default=0,
+                    help="also save every N steps (0: only at the end and on a stop signal); needs --save-dir")
+
+
+def check_save_flags(args) -> None:
+    """``--save-interval`` needs ``--save-dir``; ``--resume latest`` means the latest complete
+    checkpoint of ``--save-dir``."""
+    if args.save_interval and not args.save_dir:
+        raise UsageError(f"--save-interval {args.save_interval} needs --save-dir (where to save)")
+    if args.resume == "latest" and not args.save_dir:
+        raise UsageError("--resume latest continues the checkpoints of --save-dir: pass --save-dir")
+
+
+def check_sketch_modules(model, ps_cfg: PartitionSelConfig) -> None:
+    """Refuse, right after the model is built (before DeepSpeed / FSDP wrap it and before any
+    step), a ``partitionsel.sketch.modules`` that selects no ``nn.Linear`` of it: a
+    ``ConfigError`` that lists the names there are. Forward-only head modes and a proxy scorer
+    sketch other modules; they are checked where they are built."""
+    sk = ps_cfg.sketch
+    if sk.mode in ("head", "head_kron") or sk.proxy_model is not None or sk.proxy_config is not None:
+        return
+    from ds_partitionsel.sketch import resolve_modules
+
+    try:
+        resolve_modules(model, sk.modules)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"partitionsel.sketch.modules: {e}. Choose modules this model has (e.g. --set "
+                          f"sketch.modules=2 for the last 2 blocks, or 'all_linear')") from None
+
+
+def check_ranks_agree(ps_cfg: PartitionSelConfig, timeout_s: float) -> None:
+    """Refuse, at the start (right after the process group is up), ranks started with different
+    ``partitionsel`` configs (another ``--seed``, ``--set`` or config file on one rank): they would
+    select different batches and fail later with a misleading message. A ``ConfigError`` on every
+    rank, naming the seeds when they differ."""
+    import hashlib
+
+    import torch
+
+    from ds_partitionsel.collectives import Communicator
+
+    comm = Communicator(None, timeout_s, "the config check at the start")
+    if comm.world == 1:
+        return
+    text = json.dumps(ps_cfg.to_dict(), sort_keys=True, default=str)
+    digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:7], "big")  # fits in int64
+    rows = comm.all_gather(torch.tensor([digest, int(ps_cfg.seed)], dtype=torch.int64),
+                           "all-gather of each rank's config hash")
+    hashes, seeds = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+    if len(set(hashes)) > 1:
+        others = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        seed_note = f" (partitionsel.seed by rank: {seeds})" if len(set(seeds)) > 1 else ""
+        raise ConfigError(f"the partitionsel config differs between ranks{seed_note}: rank(s) {others} disagree "
+                          f"with rank 0; start every rank with the same config file, --seed, --method and --set")
+
+
+def check_writable(path: Optional[str], flag: str) -> None:
+    """Refuse, before anything is built, a ``flag`` directory this process cannot write (read-only
+    file system, no permission, a file in the way): found after hours of training otherwise. The
+    probe is a real file created (and removed) in ``path`` or, when it does not exist yet, in its
+    nearest existing parent (where it will be created)."""
+    import errno
+    import tempfile
+
+    if not path:
+        return
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"{flag} {path} is a file, not a directory: choose a directory")
+    probe_dir = target
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise UsageError(f"{flag} {path}: {probe_dir} is a file, so the directory cannot be created; choose "
+                         f"another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = {errno.EROFS: "a read-only file system", errno.EACCES: "no permission to write there",
+               errno.EPERM: "no permission to write there", errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+        where = "" if probe_dir == target else f" (its parent {probe_dir}, where it would be created)"
+        raise UsageError(f"{flag} {path} is not writable{where}: {why}; choose a writable directory") from None
+
+
+def check_writable_dirs(args) -> None:
+    """:func:`check_writable` for ``--output-dir`` and ``--save-dir`` (those a script has)."""
+    check_writable(getattr(args, "output_dir", None), "--output-dir")
+    check_writable(getattr(args, "save_dir", None), "--save-dir")
+
+
+def save_schedule(args, save, timeout_s, stoppable: bool = True):
+    """The run's :class:`~ds_partitionsel.preemption.SaveSchedule`; with a ``--save-dir`` (and
+    ``stoppable``), SIGTERM/SIGUSR1 save at the next step boundary instead of killing the run."""
+    from ds_partitionsel.preemption import SaveSchedule, StopRequest
+
+    stop = StopRequest().install() if (args.save_dir and stoppable) else None
+    return SaveSchedule(save, args.save_interval if args.save_dir else 0, stop, timeout_s)
+
+
+def stop_note(schedule, rank: int, save_dir: Optional[str]) -> None:
+    """Say on rank 0 that a stop signal ended the run and how to continue it."""
+    if schedule.stopped_at is not None and rank == 0:
+        print(f"stopped by a signal after step {schedule.stopped_at}: checkpoint saved in {save_dir}; "
+              f"continue with --resume latest --save-dir {save_dir}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -251,7 +368,8 @@ def run_main(args, train_fn: Callable[..., int], *train_args) -> int:
     where = f"[rank {rank}] " if world > 1 else ""
     try:
         return train_fn(args, *train_args)
-    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, ImportError) as e:
+    except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, CheckpointError,
+            ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     except StepFailed as e:
@@ -275,8 +393,8 @@ def train_steps(step_fn: Callable[[], dict], first: int, last: int, rank: int, d
         records.append(rec)
         cp = rec.get("conflicting_pairs")
         bar.set_postfix(loss=f"{rec['train_loss']:.3f}", cp=cp if cp is not None and cp >= 0 else "-")
-        if after_step is not None:
-            after_step()
+        if after_step is not None and after_step():
+            break  # a stop signal: the checkpoint of this step is saved
     return records
 
 
@@ -313,11 +431,14 @@ def summarize(records, eval_loss, seconds, engine):
 
 
 def write_summary(summary: dict, output_dir: Optional[str]) -> None:
-    """Print the summary and write ``output_dir/summary.json`` (rank 0 calls it)."""
-    print(json.dumps(summary, indent=2))
+    """Print the summary and write ``output_dir/summary.json`` (rank 0 calls it) as strict JSON:
+    a non-finite loss is the string "NaN" / "Infinity" (:mod:`ds_partitionsel.records`), never a
+    bare NaN that JSON readers reject."""
+    from ds_partitionsel.records import dumps, write_json
+
+    print(dumps(summary, indent=2))
     if output_dir:
-        with open(os.path.join(output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
+        write_json(os.path.join(output_dir, "summary.json"), summary)
 
 
 # ----------------------------------------------------------------------------- demos
@@ -335,8 +456,10 @@ def report_run(repo: str, out: str, title: str, batch_detail: str) -> dict:
     held-out loss per domain before -> after, the selected mix. ``batch_detail`` is formatted
     with the summary."""
     run_command([sys.executable, "tools/analyze_run.py", out, "--out", os.path.join(out, "report")], cwd=repo)
+    from ds_partitionsel.records import loads
+
     with open(os.path.join(repo, out, "summary.json")) as fh:
-        summary = json.load(fh)
+        summary = loads(fh.read())
     print(f"\n=== {title} summary ===")
     print(f"method {summary['method']}, {summary['steps']} steps, {summary['world_size']} ranks, "
           f"batch {summary['batch_size']} " + batch_detail.format(**summary))

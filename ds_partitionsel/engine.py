@@ -19,6 +19,7 @@ from ds_partitionsel.config import (ConfigError, PartitionSelConfig, check_deeps
                                     split_deepspeed_config, train_batch_size)
 from ds_partitionsel.loop import TrainStep
 from ds_partitionsel.records import MetricsSink
+from ds_partitionsel.preemption import write_latest
 from ds_partitionsel.runs import check_resume, check_run_dir, read_resume_record, resume_record, write_resume_record
 from ds_partitionsel.selector import Selector, check_pools
 
@@ -110,6 +111,12 @@ class PartitionSelEngine:
         return getattr(self.__dict__["engine"], name)
 
     @property
+    def run_id(self) -> Optional[str]:
+        """The id of this run (rank 0 with an output directory; None elsewhere): in its run
+        directory and its checkpoints' resume records."""
+        return self.sink.run_id
+
+    @property
     def global_step(self) -> int:
         """Steps trained so far: the next step to select."""
         return self.selector.global_step
@@ -152,9 +159,12 @@ class PartitionSelEngine:
         if selector_state:
             state[SELECTOR_STATE_KEY] = selector_state
         tag = f"global_step{self.engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
-        out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+        save_latest = kwargs.pop("save_latest", True)
+        out = self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False, **kwargs)
         if self.rank == 0:  # a rank that resumes before this file exists checks the client state instead
             write_resume_record(os.path.join(save_dir, str(tag)), record)
+            if save_latest:  # only now is the checkpoint complete: a kill before this keeps the previous one
+                write_latest(save_dir, str(tag))
         return out
 
     def load_checkpoint(self, load_dir, tag=None, allow_changes: bool = False, **kwargs):
@@ -169,6 +179,7 @@ class PartitionSelEngine:
         early = read_resume_record(load_dir, tag)
         if early is not None:
             check_resume(early, current, load_dir, allow_changes)
+            self.sink.adopt_run_id(early.get("run_id"), load_dir)  # this log must be the checkpoint's run's
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {load_dir} (tag {tag!r})")
@@ -177,6 +188,8 @@ class PartitionSelEngine:
             raise ValueError(f"checkpoint {path} has no '{CLIENT_STATE_KEY}' client state: it was not "
                              f"saved by a PartitionSelEngine")
         diffs = check_resume(state, current, path, allow_changes)
+        if early is None:
+            self.sink.adopt_run_id(state.get("run_id"), path)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", path, "; ".join(diffs))
         self.selector.load_state_dict(client_state.get(SELECTOR_STATE_KEY, {}))

@@ -216,6 +216,11 @@ class PartitionSelFSDP:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def run_id(self):
+        """This run's id (rank 0 with an output directory; None elsewhere)."""
+        return self.sink.run_id
+
     def save_checkpoint(self, folder: str) -> str:
         """A DCP checkpoint of model, optimizer and selector in ``folder`` (every rank writes its
         shards), with ``partitionsel_resume.json`` (rank 0) for the resume check."""
@@ -241,4 +246,5 @@ class PartitionSelFSDP:
         diffs = check_resume(saved, resume_record(self), folder, allow_changes)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", folder, "; ".join(diffs))
+        self.sink.adopt_run_id(saved.get("run_id"), folder)  # this log must be the checkpoint's run's
         dcp.load({"train": TrainState(self.model, self.optimizer, self.selector)}, checkpoint_id=folder)

@@ -39,8 +39,9 @@ import transformers
 
 from ds_partitionsel.config import ConfigError, PartitionSelConfig, split_deepspeed_config
 from ds_partitionsel.loop import TrainStep
+from ds_partitionsel.preemption import latest_complete_trainer_checkpoint
 from ds_partitionsel.records import MetricsSink, monitor_events
-from ds_partitionsel.runs import RESUME_RECORD, check_resume, resume_record
+from ds_partitionsel.runs import RESUME_RECORD, check_resume, read_resume_record, resume_record
 from ds_partitionsel.selector import Selector, check_pools, pool_size_for
 
 logger = logging.getLogger("ds_partitionsel")
@@ -106,7 +107,14 @@ class _PartitionSelCallback(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._finish_step()
+        tr = self.trainer
+        tr._finish_step()
+        # a stop signal (on any rank): every rank saves this step's checkpoint and stops
+        if tr.stop_request is not None and tr.stop_request.agreed(state.global_step, tr.ps_config.timeout_s):
+            control.should_save = True
+            control.should_training_stop = True
+            tr.stopped_at = state.global_step
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         tr = self.trainer
@@ -114,6 +122,7 @@ class _PartitionSelCallback(transformers.TrainerCallback):
             folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if os.path.isdir(folder):
                 record = resume_record(tr.selector)
+                record["run_id"] = tr.sink.run_id if tr.sink is not None else None
                 with open(os.path.join(folder, RESUME_RECORD), "w") as fh:
                     json.dump(record, fh, indent=1)
                 state = tr.selector.state_dict()
@@ -135,10 +144,14 @@ class PartitionSelTrainer(transformers.Trainer):
         block of ``args.deepspeed``.
     pad_token_id : default ``processing_class.pad_token_id``.
     resume_allow_changes : resume even if the pool or the selection config changed.
+    stop_request : a :class:`~ds_partitionsel.preemption.StopRequest` (installed): after the step
+        where any rank received SIGTERM/SIGUSR1, every rank saves a checkpoint and training stops
+        (``stopped_at`` is that step).
     """
 
     def __init__(self, *args, candidate_pool, valid_pool, partitionsel=None,
-                 pad_token_id: Optional[int] = None, resume_allow_changes: bool = False, **kwargs):
+                 pad_token_id: Optional[int] = None, resume_allow_changes: bool = False,
+                 stop_request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ps_config = _block_from(partitionsel, self.args.deepspeed)
         ds = getattr(self.args, "hf_deepspeed_config", None)
@@ -165,6 +178,7 @@ class PartitionSelTrainer(transformers.Trainer):
         self.step_runner: Optional[TrainStep] = None
         self._ps_logs = {}
         self._resume_from = None
+        self.stop_request, self.stopped_at = stop_request, None
         self.add_callback(_PartitionSelCallback(self))
 
     # ------------------------------------------------------------------ data
@@ -181,28 +195,29 @@ class PartitionSelTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = latest_complete_trainer_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint-N folder in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            self._check_resume(resume_from_checkpoint)
+                raise ValueError(f"no complete checkpoint-N folder in {self.args.output_dir} to resume from")
+        saved = self._check_resume(resume_from_checkpoint) if resume_from_checkpoint else None
         rank = self.args.process_index
         self.sink = MetricsSink(self.args.output_dir, rank=rank, resume=bool(resume_from_checkpoint))
+        if saved is not None:  # this log must be the checkpoint's run's
+            self.sink.adopt_run_id(saved.get("run_id"), resume_from_checkpoint)
         self._resume_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _check_resume(self, folder) -> None:
+    def _check_resume(self, folder) -> dict:
         path = os.path.join(folder, RESUME_RECORD)
         if not os.path.isfile(path):
             raise ValueError(f"{folder} holds no {RESUME_RECORD}: it is not a checkpoint of a PartitionSelTrainer")
-        with open(path) as fh:
-            saved = json.load(fh)
+        saved = read_resume_record(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
         here = SimpleNamespace(global_step=saved.get("global_step"), cfg=self.ps_config,
                                pool_size=pool_size_for(self.ps_config, self.batch_size),
                                batch_size=self.batch_size, pool=self.candidate_pool, valid_pool=self.valid_pool)
         diffs = check_resume(saved, resume_record(here), folder, self.resume_allow_changes)
         if diffs:
             logger.warning("resuming %s with changes (allowed): %s", folder, "; ".join(diffs))
+        return saved
 
     def _build_selector(self) -> Selector:
         return Selector(self.model, self.ps_config, self.candidate_pool, self.valid_pool,

@@ -25,6 +25,7 @@ What the step does once, for every loop:
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -138,6 +139,11 @@ class TrainStep:
                              log_conflicts=self.logs_at(selection.step), proxy_loss=proxy_loss)
         self.selection, self._losses = None, []
         self.emit(record)
+        if not math.isfinite(train_loss):  # the record is logged (the divergence shows there); every
+            # rank sees the same averaged loss, so every rank stops at this step
+            raise StepFailed(f"training step {selection.step} on rank {selector.rank}: the train loss is "
+                             f"{train_loss} (not finite): the model diverged; lower the learning rate (--lr) "
+                             f"or clip gradients, and resume from a checkpoint before step {selection.step}")
         if self.cfg.eval_interval and self.model is not None and (selection.step + 1) % self.cfg.eval_interval == 0:
             self.evaluate(selection.step + 1)
         return record

@@ -163,6 +163,27 @@ class MetricsSink:
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self._log = open_metrics_log(output_dir, resume=resume) if output_dir and rank == 0 else None
         self.torn_bytes_dropped = repair_torn_tail(self._log) if self._log is not None else 0
+        self.output_dir, self.run_id = output_dir, None  # the run id: rank 0 with a log only
+        if self._log is not None:
+            from ds_partitionsel.runs import new_run_id, read_run_id, write_run_id
+
+            self.run_id = read_run_id(output_dir) if resume else None
+            if self.run_id is None and not resume:
+                self.run_id = new_run_id()
+                write_run_id(output_dir, self.run_id)
+
+    def adopt_run_id(self, saved_run_id: Optional[str], checkpoint) -> None:
+        """On resume: the log continues the checkpoint's run (``saved_run_id``; None: an older
+        checkpoint without one, then a new id). A log of another run raises ``RunDirError``."""
+        if self._log is None:
+            return
+        from ds_partitionsel.runs import check_run_owner, new_run_id, write_run_id
+
+        check_run_owner(self.output_dir, saved_run_id, checkpoint)
+        run_id = saved_run_id or self.run_id or new_run_id()
+        if run_id != self.run_id:
+            self.run_id = run_id
+            write_run_id(self.output_dir, run_id)
 
     def emit(self, record) -> None:
         if self.rank != 0:

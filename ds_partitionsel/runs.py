@@ -36,6 +36,11 @@ class ResumeMismatchError(ValueError):
     """A checkpoint was trained on another pool or with another selection config."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or damaged (its resume record unreadable, ``latest``
+    naming a missing tag)."""
+
+
 def _taken(path) -> RunDirError:
     return RunDirError(f"{path} already holds the log of another run; a run directory is never shared: choose a "
                        f"new output directory (--output-dir), or resume that run from its checkpoint "
@@ -113,7 +118,8 @@ def pool_fingerprint(pool) -> str:
 
 def resume_record(engine) -> dict:
     """What a checkpoint of ``engine`` (a PartitionSelEngine) must match to be resumed."""
-    return {"global_step": engine.global_step, "config": engine.cfg.to_dict(),
+    return {"global_step": engine.global_step, "run_id": getattr(engine, "run_id", None),
+            "config": engine.cfg.to_dict(),
             "pool_size": engine.pool_size, "batch_size": engine.batch_size,
             "pool_fingerprint": {"train": pool_fingerprint(engine.pool),
                                  "valid": pool_fingerprint(engine.valid_pool)},
@@ -157,10 +163,22 @@ def read_resume_record(load_dir, tag: Optional[str]) -> Optional[dict]:
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
+        if not (load_dir / tag).is_dir():
+            raise CheckpointError(f"{latest} names the checkpoint {tag!r}, which is not in {load_dir}: the "
+                                  f"save did not finish or the folder was removed; pass an existing tag's folder "
+                                  f"or restore it")
     path = load_dir / str(tag) / RESUME_RECORD
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a valid resume record ({e}): the save was cut short; resume from "
+                              f"an earlier checkpoint") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} is not a valid resume record (a JSON {type(record).__name__}, not an "
+                              f"object); resume from an earlier checkpoint")
+    return record
 
 
 def check_resume(saved: dict, current: dict, where, allow_changes: bool) -> List[str]:
@@ -175,3 +193,45 @@ def check_resume(saved: dict, current: dict, where, allow_changes: bool) -> List
             f"and selection config, or allow the changes explicitly (load_checkpoint(..., "
             f"allow_changes=True); launch/train.py --resume-allow-changes)")
     return diffs
+
+
+# ----------------------------------------------------------------------------- run identity
+
+RUN_ID_FILE = "run_id"  # in output_dir: the id of the run whose log metrics.jsonl is
+
+
+def new_run_id() -> str:
+    """A fresh run id (random, 32 hex digits)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def read_run_id(output_dir) -> Optional[str]:
+    """The run id of ``output_dir`` (None: none recorded, e.g. a new directory)."""
+    path = Path(output_dir) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
+def write_run_id(output_dir, run_id: str) -> None:
+    """Record ``run_id`` as the owner of ``output_dir`` (atomically; rank 0)."""
+    path = Path(output_dir) / RUN_ID_FILE
+    tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_run_owner(output_dir, saved_run_id: Optional[str], checkpoint) -> None:
+    """Refuse to resume the run ``saved_run_id`` (from checkpoint ``checkpoint``) into an
+    ``output_dir`` whose log belongs to another run: its records would join that run's log and
+    its summary would replace that run's. A directory without a log (or without a recorded id:
+    written before run ids existed) is accepted."""
+    if not output_dir or not saved_run_id:
+        return
+    log = Path(output_dir) / METRICS_LOG
+    owner = read_run_id(output_dir)
+    if owner is not None and owner != saved_run_id and log.is_file() and log.stat().st_size > 0:
+        raise RunDirError(f"--output-dir {output_dir} holds the log of run {owner}, but checkpoint {checkpoint} "
+                          f"is of run {saved_run_id}: resume into that run's own --output-dir, or into a new one")

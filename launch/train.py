@@ -21,33 +21,43 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_vocabulary, finish, guarded, load_config,
-                                 load_tokenizer_and_pools, place_monitors, run_main, summarize, train_steps,
-                                 write_summary)
-from ds_partitionsel.runs import check_run_dir  # noqa: E402
+from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
+                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
+                                 check_vocabulary, check_writable_dirs, finish, guarded, load_config,
+                                 load_tokenizer_and_pools, place_monitors, run_main, save_schedule, stop_note,
+                                 summarize, train_steps, write_summary)
+from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
+from ds_partitionsel.runs import check_run_dir, check_run_owner, read_resume_record  # noqa: E402
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_flags(ap)
     ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True)
-    add_run_flags(ap, resume_help="resume from a checkpoint directory (a pickle: load only checkpoints you "
-                                  "trust); its pool and selection config must match this run's")
-    ap.add_argument("--save-dir", default=None, help="save a DeepSpeed checkpoint here at the end")
+    add_run_flags(ap, resume_help="resume from the latest complete checkpoint of a --save-dir ('latest': of this "
+                                  "run's --save-dir; a pickle: load only checkpoints you trust); its pool and "
+                                  "selection config must match this run's")
+    add_save_flags(ap, what="a DeepSpeed checkpoint")
     return ap.parse_args(argv)
 
 
 def check_run_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    check_save_flags(args)
+    check_writable_dirs(args)
+    if args.resume == "latest":
+        args.resume = args.save_dir
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
         if not os.path.isdir(args.resume):
             raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
-        if not os.path.isfile(os.path.join(args.resume, "latest")):
+        if latest_complete_tag(args.resume) is None and not os.path.isfile(os.path.join(args.resume, "latest")):
             raise UsageError(f"--resume {args.resume} holds no DeepSpeed checkpoint (no 'latest' file); "
                              f"pass the --save-dir of an earlier run")
+        # plain JSON, before anything is built: a damaged record, and a log of another run, stop here
+        saved = read_resume_record(args.resume, latest_complete_tag(args.resume)) or {}
+        check_run_owner(args.output_dir, saved.get("run_id"), args.resume)
     if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")) and \
             not (args.resume and os.path.samefile(args.save_dir, args.resume)):
         raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a "
@@ -64,12 +74,17 @@ def train(args) -> int:
     from ds_partitionsel.engine import initialize
     from ds_partitionsel.launch_env import init_distributed
 
+    # every collective of the job (DeepSpeed's included) waits at most partitionsel.timeout_s;
+    # the ranks' configs are compared before any model is built
+    init_distributed(timeout_s=ps_cfg.timeout_s)
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     torch.manual_seed(ps_cfg.seed)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer, pool, valid = load_tokenizer_and_pools(args)
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    check_sketch_modules(model, ps_cfg)
     if args.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
     optimizer = None
@@ -78,8 +93,6 @@ def train(args) -> int:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         cfg.pop("optimizer", None)
 
-    # every collective of the job (DeepSpeed's included) waits at most partitionsel.timeout_s
-    init_distributed(timeout_s=ps_cfg.timeout_s)
     rank = torch.distributed.get_rank()
     engine, _, _, _ = initialize(model, cfg, pool, valid, optimizer=optimizer, tokenizer=tokenizer,
                                  output_dir=args.output_dir, resume=bool(args.resume))
@@ -87,20 +100,30 @@ def train(args) -> int:
         if rank == 0:
             print(f"resuming from {args.resume} (checkpoints are pickles: only load ones you trust)",
                   file=sys.stderr, flush=True)
-        engine.load_checkpoint(args.resume, allow_changes=args.resume_allow_changes)
+        engine.load_checkpoint(args.resume, tag=latest_complete_tag(args.resume),
+                               allow_changes=args.resume_allow_changes)
         if args.steps <= engine.global_step:
             raise UsageError(f"--steps {args.steps} is not beyond the checkpoint's step {engine.global_step}: "
                              f"nothing to train (--steps counts from the start of the run)")
 
     eval_start = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) if args.eval_at_start else None
     t0 = time.perf_counter()
-    records = train_steps(engine.train_step, engine.global_step, args.steps, rank, engine.cfg.method)
-    eval_loss = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) if args.eval_at_end else None
+    saves = save_schedule(args, lambda step: guarded(f"saving the checkpoint at step {step}",
+                                                     lambda: engine.save_checkpoint(args.save_dir)), ps_cfg.timeout_s)
+    records = train_steps(engine.train_step, engine.global_step, args.steps, rank, engine.cfg.method,
+                          after_step=lambda: saves.after_step(engine.global_step))
+    stopped = saves.stopped_at is not None
+    eval_loss = guarded(f"evaluation at step {engine.global_step}", engine.evaluate) \
+        if args.eval_at_end and not stopped else None
     if args.save_dir:
-        guarded(f"saving the checkpoint at step {engine.global_step}", lambda: engine.save_checkpoint(args.save_dir))
+        saves.final(engine.global_step)
+    stop_note(saves, rank, args.save_dir)
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, engine)
         summary["eval_loss_start"] = eval_start
+        summary["run_id"] = engine.run_id
+        if stopped:
+            summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)
     return finish(ps_cfg.timeout_s)
 

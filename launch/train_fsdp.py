@@ -23,9 +23,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_vocabulary, finish, guarded, load_tokenizer_and_pools,
-                                 read_config, run_main, summarize, train_steps, write_summary)
+from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
+                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
+                                 check_vocabulary, check_writable_dirs, finish, guarded,
+                                 load_tokenizer_and_pools, read_config, run_main, save_schedule, stop_note,
+                                 summarize, train_steps, write_summary)
+from ds_partitionsel.preemption import write_latest  # noqa: E402
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
 from ds_partitionsel.runs import check_run_dir  # noqa: E402
 
@@ -51,7 +54,7 @@ def parse_args(argv=None):
                     help="HSDP: a replicate x shard mesh (default: FSDP over all ranks)")
     add_run_flags(ap, resume_help="resume from a --save-dir of an earlier run (its latest checkpoint) or one of "
                                   "its global_step<N> folders")
-    ap.add_argument("--save-dir", default=None, help="save a DCP checkpoint here at the end")
+    add_save_flags(ap, what="a DCP checkpoint")
     return ap.parse_args(argv)
 
 
@@ -87,6 +90,10 @@ def checkpoint_folder(path: str) -> str:
 
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    check_save_flags(args)
+    check_writable_dirs(args)
+    if args.resume == "latest":
+        args.resume = args.save_dir
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
@@ -118,6 +125,7 @@ def train(args, world: int) -> int:
     check_pool_fit(ps_cfg, batch_size, world, len(pool))
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
+    check_sketch_modules(model, ps_cfg)
     opt = (cfg.get("optimizer") or {}).get("params", {})
     lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
 
@@ -126,6 +134,7 @@ def train(args, world: int) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     init_distributed(timeout_s=ps_cfg.timeout_s)
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     rank = torch.distributed.get_rank()
     mp = None
     if (cfg.get("bf16") or {}).get("enabled"):
@@ -149,22 +158,32 @@ def train(args, world: int) -> int:
     eval_start = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_start else None
     t0 = time.perf_counter()
     shape = f"hsdp{args.hsdp[0]}x{args.hsdp[1]}" if args.hsdp else f"fsdp{world}"
-    records = train_steps(trainer.train_step, trainer.global_step, args.steps, rank, f"{ps_cfg.method} {shape}")
-    eval_loss = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_end else None
-    if args.save_dir:
-        tag = f"global_step{trainer.global_step}"
+    def save(step):
+        tag = f"global_step{step}"
 
-        def save():
+        def save_now():
             trainer.save_checkpoint(os.path.join(args.save_dir, tag))
-            if rank == 0:
-                with open(os.path.join(args.save_dir, LATEST), "w") as fh:
-                    fh.write(tag)
+            if rank == 0:  # after the resume record: a kill before this keeps the previous checkpoint
+                write_latest(args.save_dir, tag)
 
-        guarded(f"saving the checkpoint at step {trainer.global_step}", save)
+        guarded(f"saving the checkpoint at step {step}", save_now)
+
+    saves = save_schedule(args, save, ps_cfg.timeout_s)
+    records = train_steps(trainer.train_step, trainer.global_step, args.steps, rank, f"{ps_cfg.method} {shape}",
+                          after_step=lambda: saves.after_step(trainer.global_step))
+    stopped = saves.stopped_at is not None
+    eval_loss = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) \
+        if args.eval_at_end and not stopped else None
+    if args.save_dir:
+        saves.final(trainer.global_step)
+    stop_note(saves, rank, args.save_dir)
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, trainer)
         summary.update(eval_loss_start=eval_start, trainer="fsdp2", mesh=shape, device=str(device),
                        bf16=mp is not None)
+        summary["run_id"] = trainer.run_id
+        if stopped:
+            summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)
     trainer.sink.close()
     return finish(ps_cfg.timeout_s)

@@ -85,8 +85,10 @@ def load_config(args, dp: int):
 
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
+    from ds_partitionsel.cli import check_writable_dirs
     from ds_partitionsel.megatron_loop import CHECKPOINT_LATEST, checkpoint_folder
 
+    check_writable_dirs(args)
     if args.output_dir:
         check_run_dir(args.output_dir, resume=bool(args.resume))
     if args.resume:
@@ -163,6 +165,9 @@ def train(args, world: int) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     init_distributed(timeout_s=ps_cfg.timeout_s)
+    from ds_partitionsel.cli import check_ranks_agree
+
+    check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -192,18 +197,25 @@ def train(args, world: int) -> int:
     eval_start = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_start else None
     t0 = time.perf_counter()
 
-    def save_on_interval():
-        if args.save_dir and args.save_interval and trainer.global_step % args.save_interval == 0:
-            guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
+    from ds_partitionsel.cli import save_schedule, stop_note
 
+    # every --save-interval steps, on SIGTERM/SIGUSR1 at the next step boundary (all ranks agree), at the end
+    saves = save_schedule(args, lambda step: guarded(f"saving the checkpoint at step {step}",
+                                                     lambda: trainer.save(args.save_dir, shape)), ps_cfg.timeout_s)
     records = train_steps(trainer.train_step, trainer.global_step, args.steps, rank,
-                          f"{ps_cfg.method} tp{args.tp}xdp{dp}", after_step=save_on_interval)
-    eval_loss = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) if args.eval_at_end else None
-    if args.save_dir and not (args.save_interval and trainer.global_step % args.save_interval == 0):
-        guarded(f"saving the checkpoint at step {trainer.global_step}", lambda: trainer.save(args.save_dir, shape))
+                          f"{ps_cfg.method} tp{args.tp}xdp{dp}",
+                          after_step=lambda: saves.after_step(trainer.global_step))
+    stopped = saves.stopped_at is not None
+    eval_loss = guarded(f"evaluation at step {trainer.global_step}", trainer.evaluate) \
+        if args.eval_at_end and not stopped else None
+    if args.save_dir:
+        saves.final(trainer.global_step)
+    stop_note(saves, rank, args.save_dir)
     if rank == 0:
         summary = summarize(records, eval_loss, time.perf_counter() - t0, selector)
         summary.update(eval_loss_start=eval_start, tensor_parallel=args.tp, data_parallel=dp, device=str(device))
+        if stopped:
+            summary["stopped_by_signal_after_step"] = saves.stopped_at
         write_summary(summary, args.output_dir)
     sink.close()
     if rank_log is not None:
