@@ -594,15 +594,15 @@ def check_pool_fit(cfg: PartitionSelConfig, batch_size: int, world: int, num_rec
     """The per-step pool size for a batch of ``batch_size`` over ``world`` ranks; ConfigError if
     it cannot work (smaller than the batch, uneven over ranks, larger than the training split)."""
     pool_size = batch_size if cfg.method == "full" else (cfg.pool_size or cfg.pool_factor * batch_size)
-    if pool_size < cfg.steps_per_pool * batch_size:
-        raise ConfigError(f"pool of {pool_size} candidates cannot hold partitionsel.steps_per_pool = "
-                          f"{cfg.steps_per_pool} disjoint batches of {batch_size}; raise pool_size / pool_factor "
-                          f"or lower steps_per_pool")
     if batch_size % world:
         raise ConfigError(f"the batch of {batch_size} does not split evenly over {world} ranks")
     if pool_size < batch_size:
         raise ConfigError(f"pool of {pool_size} candidates is smaller than the batch of {batch_size}; "
                           f"raise partitionsel.pool_size / pool_factor")
+    if pool_size < cfg.steps_per_pool * batch_size:
+        raise ConfigError(f"pool of {pool_size} candidates cannot hold partitionsel.steps_per_pool = "
+                          f"{cfg.steps_per_pool} disjoint batches of {batch_size}; raise pool_size / pool_factor "
+                          f"or lower steps_per_pool")
     if pool_size % world:
         raise ConfigError(f"pool size {pool_size} must divide evenly over {world} ranks (every rank "
                           f"sketches the same number of candidates in lockstep)")
