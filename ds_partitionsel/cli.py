@@ -520,7 +520,7 @@ def compare_runs(repo: str, runs: Dict[str, str], out: str) -> dict:
         diff = [a - b for a, b in zip(result["mean"][m], result["mean"][ref])]
         axes[1].plot(steps, diff, marker="o", label=f"{m} - {ref}")
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set(xlabel="step", ylabel="difference", title="below 0: the selection paid (one seed)")
+    axes[1].set(xlabel="step", ylabel="difference", title=f"above 0: {ref} lower (one seed)")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(repo, out, "compare.png"), dpi=110)
