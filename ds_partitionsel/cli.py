@@ -472,6 +472,15 @@ def report_run(repo: str, out: str, title: str, batch_detail: str) -> dict:
     return summary
 
 
+def runs_with_baseline(method: str, baseline: str, out: str) -> Dict[str, str]:
+    """``{method: out}``, plus ``{baseline: out_<baseline>}`` unless ``baseline`` is ``none`` or
+    the method itself: the run folders of a demo and of its same-seed baseline."""
+    runs = {method: out}
+    if baseline not in ("none", method):
+        runs[baseline] = f"{out}_{baseline}"
+    return runs
+
+
 def compare_runs(repo: str, runs: Dict[str, str], out: str) -> dict:
     """Held-out loss of runs trained on the same seed (``{method: run dir}``, the first one the
     reference), side by side: ``<out>/compare.png`` (the mean held-out loss of each, and each

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import compare_runs, report_run, run_command  # noqa: E402
+from ds_partitionsel.cli import compare_runs, report_run, run_command, runs_with_baseline  # noqa: E402
 from ds_partitionsel.corpus import train_tokenizer, write_corpus  # noqa: E402
 from ds_partitionsel.launch_env import free_port  # noqa: E402
 
@@ -68,9 +68,7 @@ def main(argv=None):
         run([sys.executable, "tools/inspect_pool.py", pool])
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    runs = {args.method: args.out}
-    if args.baseline != "none" and args.baseline != args.method:
-        runs[args.baseline] = f"{args.out}_{args.baseline}"
+    runs = runs_with_baseline(args.method, args.baseline, args.out)
     for method, out in runs.items():
         shutil.rmtree(os.path.join(REPO, out), ignore_errors=True)
         run([os.path.join(BIN, "deepspeed"), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1",
