@@ -5,9 +5,11 @@ MASTER_PORT); this module fills them from the MPI or slurm variables when a laun
 keeping the master address explicit (DeepSpeed's own MPI discovery would pick a non-loopback
 interface from ``hostname -I``).
 """
+import atexit
 import datetime
 import os
 import socket
+import time
 
 _MPI_RANK = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -79,4 +81,32 @@ def init_distributed(backend=None, timeout_s: float = 600.0) -> str:
     if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
         distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    _guard_exit_once()
     return kind
+
+
+_EXIT_GUARDED = False
+# How long the interpreter yields before it finalizes. The backend's worker threads need the GIL
+# for microseconds; this only has to outlast a descheduled thread on a loaded machine.
+EXIT_GRACE_S = 0.05
+
+
+def _let_backend_threads_finish() -> None:
+    """Yield the GIL once more before the interpreter finalizes.
+
+    A gloo worker thread releases a finished collective (and its tensors, which needs the GIL)
+    just after the caller's ``wait()`` returned. If the process exits first, that thread takes
+    the GIL while the interpreter is finalizing, which ends the thread by unwinding through C++
+    frames that do not allow it: the process aborts ("terminate called without an active
+    exception", status 134) after it has already done its work. Sleeping here, before
+    finalization, hands the GIL to any such thread; ``destroy_process_group`` alone is not enough
+    when DeepSpeed or Megatron still hold the groups.
+    """
+    time.sleep(EXIT_GRACE_S)
+
+
+def _guard_exit_once() -> None:
+    global _EXIT_GUARDED
+    if not _EXIT_GUARDED:
+        atexit.register(_let_backend_threads_finish)
+        _EXIT_GUARDED = True
