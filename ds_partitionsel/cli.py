@@ -313,6 +313,19 @@ def load_tokenizer_and_pools(args):
     return tokenizer, pool, CandidatePool(args.pool, "valid")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _decoder_blocks(model):
+    """``(owner, attribute)`` of a Llama-style model's list of decoder blocks
+    (``model.model.layers``), or None for another layout (GPT-2's ``transformer.h``, ...)."""
+    import torch
+
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return (inner, "layers") if isinstance(layers, torch.nn.ModuleList) else None
+
+
 def build_model(args, tokenizer, dtype=None):
     """The Hugging Face causal LM of ``--model`` / ``--tiny`` (float32 unless ``dtype``), cut to
     ``--num-layers`` blocks, with LoRA adapters under ``--lora``."""
@@ -336,19 +349,32 @@ def build_model(args, tokenizer, dtype=None):
             raise UsageError(f"could not load a causal LM from --model {args.model}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if args.num_layers:
-            blocks = model.model.layers
-            if not 0 < args.num_layers <= len(blocks):
-                raise UsageError(f"--num-layers must be in 1..{len(blocks)} for {args.model}, got {args.num_layers}")
-            model.model.layers = blocks[: args.num_layers]
+            blocks = _decoder_blocks(model)
+            if blocks is None:
+                raise UsageError(f"--num-layers cannot cut {args.model} ({model.config.model_type}): its decoder "
+                                 f"blocks are not at model.model.layers (Llama, Qwen2, Mistral, ...); drop "
+                                 f"--num-layers, or use a model of one of those families")
+            owner, name = blocks
+            layers = getattr(owner, name)
+            if not 0 < args.num_layers <= len(layers):
+                raise UsageError(f"--num-layers must be in 1..{len(layers)} for {args.model}, got {args.num_layers}")
+            setattr(owner, name, layers[: args.num_layers])
             model.config.num_hidden_layers = args.num_layers
     if getattr(args, "lora", False):
         from ds_partitionsel.extras import require
 
         peft = require("peft", "--lora")
+        present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+        missing = [m for m in LORA_TARGETS if m not in present]
+        if missing or _decoder_blocks(model) is None:
+            raise UsageError(f"--lora adapts the Linear layers {', '.join(LORA_TARGETS)} of a Llama-style model; "
+                             f"{getattr(args, 'model', None) or args.tiny} ({model.config.model_type}) has no "
+                             f"{', '.join(missing) or 'decoder blocks at model.model.layers'}; drop --lora "
+                             f"(full fine-tuning) or use a Llama, Qwen2 or Mistral model")
         n = model.config.num_hidden_layers
         lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"],
+                               target_modules=list(LORA_TARGETS),
                                layers_to_transform=list(range(max(0, n - 3), n)))
         model = peft.get_peft_model(model, lora)
     return model
@@ -360,7 +386,7 @@ def run_main(args, train_fn: Callable[..., int], *train_args) -> int:
     """``train_fn(args, *train_args)`` in the launcher's environment; returns the exit status. A
     user error is one line on stderr (status 2), a failed step one line naming the step and rank
     (status 1); no traceback for either."""
-    from ds_partitionsel.launch_env import map_launcher_env
+    from ds_partitionsel.launch_env import LaunchError, map_launcher_env
     from ds_partitionsel.pool_format import PoolFormatError
 
     map_launcher_env()
@@ -369,7 +395,7 @@ def run_main(args, train_fn: Callable[..., int], *train_args) -> int:
     try:
         return train_fn(args, *train_args)
     except (UsageError, ConfigError, PoolFormatError, RunDirError, ResumeMismatchError, CheckpointError,
-            ImportError) as e:
+            LaunchError, ImportError) as e:
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     except StepFailed as e:

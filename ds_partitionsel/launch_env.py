@@ -16,6 +16,11 @@ _MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _MPI_LOCAL = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
 
 
+class LaunchError(Exception):
+    """The process group could not start (a port in use, a master that never came up): one line
+    naming the address and what to check."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that is free right now (for MASTER_PORT of local launches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -53,6 +58,9 @@ def map_launcher_env(master_addr: str = "127.0.0.1", master_port: str = "29500",
         kind = "single"
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", master_addr)
+    if kind == "single" and "MASTER_PORT" not in env:
+        # no other rank has to find this process: a free port, so two local runs do not collide
+        env["MASTER_PORT"] = str(free_port(env["MASTER_ADDR"]) if env["MASTER_ADDR"] == "127.0.0.1" else master_port)
     env.setdefault("MASTER_PORT", str(master_port))
     return kind
 
@@ -68,6 +76,7 @@ def init_distributed(backend=None, timeout_s: float = 600.0) -> str:
     """
     import deepspeed
     import deepspeed.ops
+    import torch
     from torch.distributed import distributed_c10d
 
     kind = map_launcher_env()
@@ -80,9 +89,29 @@ def init_distributed(backend=None, timeout_s: float = 600.0) -> str:
     distributed_c10d.default_pg_timeout = timeout
     if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
         distributed_c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    except torch.distributed.DistError as e:
+        raise LaunchError(_rendezvous_failure(e, timeout_s)) from None
     _guard_exit_once()
     return kind
+
+
+def _rendezvous_failure(exc: Exception, timeout_s: float) -> str:
+    """One line for a failed rendezvous (torch's message carries a C++ stack)."""
+    text = str(exc)
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    rank = os.environ.get("RANK", "?")
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return (f"MASTER_PORT {port} on {addr} is already in use (another run on this machine?); start this "
+                f"run on a free port: MASTER_PORT=<port> for the scripts of launch/, --master_port for deepspeed "
+                f"and torchrun")
+    if "timed out" in text or "Timeout" in text or "timeout" in text:
+        return (f"rank {rank} could not reach the master at {addr}:{port} within {timeout_s:g} s "
+                f"(partitionsel.timeout_s): rank 0 has not started, has died, or listens elsewhere; check "
+                f"MASTER_ADDR and MASTER_PORT on every rank and rank 0's log")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"the process group could not start ({addr}:{port}, rank {rank}): {first}"
 
 
 _EXIT_GUARDED = False

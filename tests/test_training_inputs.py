@@ -157,3 +157,82 @@ def test_a_truncated_trainer_resume_record_is_one_error_line_not_blamed_on_a_ste
     errors = _errors(proc)
     assert len(errors) == 1 and "not a valid resume record" in errors[0] and "training step" not in errors[0], \
         proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(real, tmp_path_factory):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    folder = tmp_path_factory.mktemp("gpt2")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=256, vocab_size=len(tok))
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("flag,expected", [
+    (["--num-layers", "1"], "--num-layers cannot cut"),
+    (["--lora"], "--lora adapts the Linear layers"),
+])
+def test_gpt2_model_with_llama_only_flags_is_one_error_line(real, gpt2_folder, tmp_path, flag, expected):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    cmd = [sys.executable, "launch/train.py", "--model", str(gpt2_folder), "--tokenizer", str(real["tokenizer"]),
+           "--pool", str(real["pool"]), "--deepspeed_config", "ds_configs/zero2.json", "--steps", "2",
+           "--output-dir", str(tmp_path / "run"), *flag]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and expected in errors[0] and "gpt2" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_single_process_run_does_not_need_port_29500(real, tmp_path):
+    # another run (here: a listening socket) holds 29500; a run without a launcher picks its own port
+    import socket
+
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+        except OSError:
+            pytest.skip("port 29500 is taken on this machine already")
+        busy.listen()
+        proc = _train("launch/train.py", real, "--output-dir", str(tmp_path / "run"), steps=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _rank_alone(real, tmp_path, rank, port):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=REPO, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    cmd = [sys.executable, "launch/train.py", "--tiny", "llama", "--num-layers", "2", "--tokenizer",
+           str(real["tokenizer"]), "--pool", str(real["pool"]), "--deepspeed_config", "ds_configs/zero2.json",
+           "--steps", "2", "--set", "timeout_s=5", "--output-dir", str(tmp_path / "run")]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_master_port_in_use_is_one_error_line(real, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _rank_alone(real, tmp_path, 0, busy.getsockname()[1])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "already in use" in errors[0] and "MASTER_PORT" in errors[0], proc.stderr[-3000:]
+    assert "frame #" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_master_that_never_comes_up_is_one_error_line_after_the_timeout(real, tmp_path):
+    from distributed_utils import free_port
+
+    proc = _rank_alone(real, tmp_path, 1, free_port())  # rank 0 never starts
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "could not reach the master" in errors[0] and "5 s" in errors[0], proc.stderr[-3000:]
+    # torch's own c10d log lines come before it (not ours to silence); ours is the last line, no traceback
+    assert proc.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in proc.stderr
