@@ -118,7 +118,8 @@ def allocate_budgets(domain_counts, k: int, strategy: str = "proportional", *,
         budgets = _proportional(rest, k - taken) if k > taken else [0] * len(counts)
         for j in listed:
             budgets[j] = counts[j]
-    budgets, _ = rebalance_budgets(budgets, counts, total=k)
+    eligible = [f > 0 for f in fr] if strategy == "fractions" else None
+    budgets, _ = rebalance_budgets(budgets, counts, total=k, eligible=eligible)
     return torch.tensor(budgets, dtype=torch.int64)
 
 
@@ -219,7 +220,7 @@ def _leftover_smallest_first(budgets: list, counts: list, k: int) -> None:
         budgets[j] += 1
 
 
-def rebalance_budgets(budgets, domain_counts, total: Optional[int] = None):
+def rebalance_budgets(budgets, domain_counts, total: Optional[int] = None, eligible: Optional[Sequence[bool]] = None):
     """Cap budgets at the available candidates and hand the excess to the other domains.
 
     A domain whose budget exceeds its feasible candidates keeps ``n_j``; each leftover unit goes
@@ -227,6 +228,9 @@ def rebalance_budgets(budgets, domain_counts, total: Optional[int] = None):
     Deterministic, so every rank hands the same units to the same domains.
 
     ``total`` (default ``sum(budgets)``) is the sum the result must reach.
+    ``eligible`` (default: every domain): the domains that take leftover units first (for
+    ``fractions``: those with a fraction above 0); the others only once these have no
+    candidates left, since the batch must be full.
 
     Returns ``(budgets, shortfall)``: two lists of D ints; ``shortfall[j]`` is how many units
     domain j could not use.
@@ -242,8 +246,11 @@ def rebalance_budgets(budgets, domain_counts, total: Optional[int] = None):
     if total > sum(counts):
         raise ValueError(f"budgets sum to {total} but the pool holds only {sum(counts)} "
                          f"candidates; lower the batch size or enlarge the pool")
+    first = [True] * len(counts) if eligible is None else [bool(e) for e in eligible]
     while leftover:
-        _, j = min((b, j) for j, b in enumerate(capped) if capped[j] < counts[j])
+        spare = [j for j in range(len(counts)) if capped[j] < counts[j]]
+        preferred = [j for j in spare if first[j]] or spare
+        _, j = min((capped[j], j) for j in preferred)
         capped[j] += 1
         leftover -= 1
     return capped, shortfall

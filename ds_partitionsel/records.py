@@ -100,6 +100,7 @@ class StepRecord:
     selected: List[int] = field(default_factory=list)  # record ids; kept logs may leave them out
     conflicting_pairs: Optional[int] = None  # None: not measured this step (or no features)
     proxy_loss: Optional[float] = None
+    budgets: Optional[Dict[str, int]] = None  # the per-domain budgets the batch was selected under
     kind: str = field(default="step", init=False)
 
     def to_json(self) -> dict:
@@ -130,7 +131,7 @@ def step_record(selection, *, train_loss: float, lr: float, pool_size: int, time
                 "select": t.total - t.sketch - t.anchors, "train": time_train,
                 "total": t.total + time_train},
         conflicting_pairs=selection.conflicting_pairs() if log_conflicts else None,
-        proxy_loss=proxy_loss)
+        proxy_loss=proxy_loss, budgets=dict(zip(selection.domain_counts, selection.plan.budgets.tolist())))
 
 
 def monitor_events(record) -> List[Tuple[str, float, int]]:

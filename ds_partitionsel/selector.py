@@ -276,10 +276,19 @@ class Selector:
         names = self.pool.domain_names
         minority = [names.index(d) for d in b.minority_domains] if b.minority_domains else None
         draw = int(torch.randint(0, 2 ** 53, (1,), generator=generator("budgets", self.cfg.seed, step)))
-        return allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
-                                minority_domains=minority, target_counts=self.target_counts(),
-                                gains=self._gains, floor=b.floor, lam=b.curriculum_lambda,
-                                rounding=b.rounding, draw=draw)
+        budgets = allocate_budgets(counts, self.batch_size, b.strategy, fractions=b.fractions,
+                                   minority_domains=minority, target_counts=self.target_counts(),
+                                   gains=self._gains, floor=b.floor, lam=b.curriculum_lambda,
+                                   rounding=b.rounding, draw=draw)
+        if b.strategy == "fractions":
+            forced = {names[j]: int(n) for j, n in enumerate(budgets.tolist()) if n and not b.fractions[j] > 0}
+            if forced:
+                logger.warning("step %d: budget.fractions: the domains with a fraction above 0 hold only %d "
+                               "candidates in this step's pool, fewer than the batch of %d; %s filled the rest "
+                               "(raise pool_factor, or give those domains a fraction)", step,
+                               sum(c for j, c in enumerate(counts.tolist()) if b.fractions[j] > 0),
+                               self.batch_size, forced)
+        return budgets
 
     def target_counts(self) -> List[int]:
         """The validation anchors' expected count of each pool domain (the ``validation``

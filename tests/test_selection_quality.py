@@ -112,6 +112,34 @@ def test_selector_stochastic_rounding_draws_per_step(tiny):
     assert all(int(p.sum()) == 4 for p in plans)
 
 
+def test_zero_fractions_get_no_slot_while_the_others_have_candidates(caplog):
+    # quotas 6.4 / 1.6 / 0 of 8; domain 0 holds 1 candidate: its 5 spare slots go to domain 1
+    # (fraction 0.2), never to domain 2 (fraction 0), though domain 2 is furthest behind
+    assert allocate_budgets([1, 10, 10], 8, "fractions", fractions=[0.8, 0.2, 0.0]).tolist() == [1, 7, 0]
+    # the batch must be full: only when the others run out does a zero-fraction domain fill it
+    assert allocate_budgets([1, 2, 10], 8, "fractions", fractions=[0.5, 0.5, 0.0]).tolist() == [1, 2, 5]
+    # other strategies hand spare slots to whoever is furthest behind, as before
+    assert allocate_budgets([1, 10, 10], 8, "minority_full", minority_domains=[0]).tolist() == [1, 4, 3]
+
+
+def test_forced_zero_fraction_slots_are_logged_and_every_record_holds_its_budgets(tiny, caplog):
+    import logging
+
+    from ds_partitionsel.records import step_record
+
+    # a pool of one batch: domain 0 (a third of the data) cannot fill a batch of 4 alone
+    sel = _selector(tiny, {"pool_factor": 1, "budget": {"strategy": "fractions", "fractions": [1.0, 0.0, 0.0]}})
+    plan = sel.plan(0)
+    assert plan.budgets.tolist()[1:] != [0, 0]
+    with caplog.at_level(logging.WARNING, logger="ds_partitionsel"):
+        selection = sel.select(0, lr=1e-3)
+    assert "budget.fractions" in caplog.text and "fewer than the batch" in caplog.text
+    record = step_record(selection, train_loss=1.0, lr=1e-3, pool_size=sel.pool_size, time_train=0.0,
+                         log_conflicts=False).to_json()
+    assert list(record["budgets"].values()) == plan.budgets.tolist()
+    assert list(record["budgets"]) == list(record["domain_counts"])
+
+
 def test_curriculum_budgets_against_a_float_reference():
     counts = [64, 64, 64, 64]
     # equal gains: uniform budgets
