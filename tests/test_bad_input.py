@@ -564,7 +564,8 @@ def _ranks(root_pid):
     """Pids of the train.py ranks below ``root_pid`` (not the launchers, whose command lines name it too)."""
     sup = load_tool_launch("supervise")
     def is_rank(argv):  # python [-u] launch/train.py ...
-        return bool(argv) and os.path.basename(argv[0]).startswith("python") and "launch/train.py" in argv[1:3]
+        return bool(argv) and os.path.basename(argv[0]).startswith("python") and \
+            any(a.endswith("launch/train.py") for a in argv[1:3])
 
     return [p for p in sup.descendants(root_pid) if is_rank(_argv(p))]
 
@@ -576,12 +577,13 @@ def load_tool_launch(name):
     return mod
 
 
-def _start_job(real, tmp_path, script="launch/run_local.sh", **block):
+def _start_job(real, tmp_path, script="launch/run_local.sh", extra=(), **block):
     cfg = ds_config(tmp_path / "ds.json", **block)
     run = tmp_path / "run"
     log = open(tmp_path / "launcher.log", "w")
     env = _launch_env({"DRY_RUN": "1", "DRY_RUN_TASKS": "2"} if script.endswith("slurm.sbatch") else None)
-    proc = subprocess.Popen(["bash", script, *_tiny_args(real, cfg, "--steps", "100000", "--output-dir", run)],
+    proc = subprocess.Popen(["bash", script, *_tiny_args(real, cfg, "--steps", "100000", "--output-dir", run,
+                                                          *extra)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # training: a step record is in the log
@@ -631,6 +633,24 @@ def test_sigint_ends_every_rank(real, tmp_path, target):
     assert code != 0, out[-2000:]
     if target == "script":
         assert code == 130 and "SIGINT: passing it to every rank" in out
+    assert _log_is_whole(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_save_signal_to_the_launch_script_saves_and_exits_0(real, tmp_path, sig):
+    """slurm's SIGUSR1 before the time limit (or a preemption's SIGTERM) to run_local.sh: the ranks
+    alone get it (the deepspeed runner would kill them), save at the next step boundary and
+    stop; the job exits 0 with a complete checkpoint."""
+    proc, ranks, run = _start_job(real, tmp_path, extra=("--save-dir", str(tmp_path / "ckpt")))
+    os.kill(proc.pid, sig)
+    code, out = _finish(proc, ranks, tmp_path, limit=240)
+    assert code == 0, out[-3000:]
+    assert f"{signal.Signals(sig).name}: passing it to every rank" in out
+    summary = json.loads((run / "summary.json").read_text())
+    step = summary["stopped_by_signal_after_step"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip().endswith(str(step)), out[-2000:]
+    assert not [p for p in ranks if _alive(p)]
     assert _log_is_whole(run)
 
 
