@@ -22,6 +22,15 @@ def test_ci95_is_the_t_interval_of_the_mean():
     assert evidence.ci95([])["mean"] is None
 
 
+def test_diverged_runs_are_counted_and_flagged_not_dropped():
+    cell = evidence.ci95([1.0, float("nan"), 3.0, float("inf"), None])
+    assert (cell["n"], cell["nonfinite"], cell["mean"]) == (2, 2, pytest.approx(2.0))
+    assert "nonfinite" not in evidence.ci95([1.0, None, 2.0])  # None: not measured, not diverged
+    assert "2 diverged" in evidence._pm(cell)
+    assert "1 diverged" in evidence._pm(evidence.ci95([float("nan")]))
+    assert evidence.verdict(dict(evidence.ci95([-1.0, -1.1, float("nan")]))) == "diverged runs"
+
+
 def test_verdicts_read_the_whole_interval():
     assert evidence.verdict({"mean": -0.3, "ci": 0.1}) == "supported"
     assert evidence.verdict({"mean": 0.3, "ci": 0.1}) == "reversed"

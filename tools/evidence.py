@@ -620,15 +620,19 @@ def _rounded(value, digits: int = 5):
 
 
 def ci95(values) -> dict:
-    """Mean and the half-width of its 95% t-interval (n - 1 degrees of freedom)."""
+    """Mean and the half-width of its 95% t-interval (n - 1 degrees of freedom) of the finite
+    values; ``nonfinite`` counts the NaN/inf ones (a diverged run), which the tables flag.
+    None (not measured, e.g. a target never reached) is left out silently."""
     from scipy import stats
 
-    vals = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    given = [float(v) for v in values if v is not None]
+    vals = np.asarray([v for v in given if np.isfinite(v)], dtype=float)
+    bad = {"nonfinite": len(given) - len(vals)} if len(given) > len(vals) else {}
     n = len(vals)
     if n == 0:
-        return {"mean": None, "ci": None, "n": 0}
+        return {"mean": None, "ci": None, "n": 0, **bad}
     half = float(stats.t.ppf(0.975, n - 1) * vals.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": float(vals.mean()), "ci": half, "n": n}
+    return {"mean": float(vals.mean()), "ci": half, "n": n, **bad}
 
 
 def score_mix(setting: str, train_mix: dict, target_domain: str) -> dict:
@@ -738,14 +742,17 @@ CLAIMS = (  # (claim, reference method, baselines it must beat)
 
 
 def _pm(cell, spec=".3f") -> str:
+    flag = f" (**{cell['nonfinite']} diverged**)" if cell and cell.get("nonfinite") else ""
     if not cell or cell.get("mean") is None:
-        return "–"
+        return "–" + flag
     ci = cell.get("ci")
-    return f"{cell['mean']:{spec}}" + (f" ± {ci:{spec}}" if ci is not None and np.isfinite(ci) else "")
+    return f"{cell['mean']:{spec}}" + (f" ± {ci:{spec}}" if ci is not None and np.isfinite(ci) else "") + flag
 
 
 def verdict(cell) -> str:
     """Reading of a paired difference (reference minus baseline; negative: the reference is better)."""
+    if cell and cell.get("nonfinite"):
+        return "diverged runs"
     if not cell or cell.get("mean") is None or cell.get("ci") is None or not np.isfinite(cell["ci"]):
         return "n/a"
     lo, hi = cell["mean"] - cell["ci"], cell["mean"] + cell["ci"]
