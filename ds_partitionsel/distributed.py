@@ -388,6 +388,11 @@ def select(method: str, local_features: torch.Tensor, local_domains: torch.Tenso
         bad = [r for r in range(comm.world) if sizes[r] != kept[r]]
         raise ValueError(f"{comm.context}: features of {dropped} candidate(s) contain NaN/Inf "
                          f"(on rank(s) {bad}); pass drop_nonfinite=True to drop them")
+    if dropped and n_kept < int(budgets.sum()):  # the same numbers on every rank: all raise together
+        raise ValueError(f"{comm.context}: the sketches of {dropped} of {n_total} candidates are not finite "
+                         f"(NaN/Inf), which leaves {n_kept}, fewer than the batch of {int(budgets.sum())}: the "
+                         f"model has probably diverged (non-finite weights or activations); lower the learning "
+                         f"rate, or resume from an earlier checkpoint")
 
     # Mode: the same decision on every rank, from global shapes only.
     itemsize = local_features.element_size()

@@ -315,3 +315,15 @@ def test_curriculum_gains_travel_in_the_state(tiny):
     assert torch.equal(a.plan(3).budgets, b.plan(3).budgets)
     assert torch.equal(a.select(3, 1e-3, with_features=False).record_ids,
                        b.select(3, 1e-3, with_features=False).record_ids)
+
+
+def test_a_diverged_model_is_named_not_blamed_on_budgets():
+    from ds_partitionsel import distributed
+
+    features = torch.randn(12, 8, dtype=torch.float64)
+    features[:9] = float("nan")  # 3 finite candidates left for a batch of 4
+    domains = torch.tensor([0, 1, 2] * 4)
+    with pytest.raises(ValueError, match="9 of 12 candidates are not finite.*probably diverged"):
+        distributed.select("partitionsel", features, domains, torch.randn(8, dtype=torch.float64),
+                           torch.tensor([2, 1, 1]), lr=1e-3, drop_nonfinite=True, step=7,
+                           generator=torch.Generator().manual_seed(0), rule="sample")
