@@ -62,6 +62,8 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "greedy_rule": {"rule": "greedy"},
     "temperature_0.3": {"temperature": 0.3},
     "temperature_1": {"temperature": 1.0},
+    "temperature_10": {"temperature": 10.0},
+    "uniform_within_budgets": {"temperature": 1e6},  # the hot limit: the validation budgets, no gradient choice
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
     "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
