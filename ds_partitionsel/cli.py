@@ -25,7 +25,7 @@ __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float",
            "add_save_flags", "check_ranks_agree", "check_sketch_modules", "check_writable", "check_writable_dirs",
            "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors",
            "check_pool_dir", "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools",
-           "run_main", "train_steps", "finish", "summarize", "write_summary", "run_command", "report_run",
+           "run_main", "train_steps", "finish", "check_run_dirs", "summarize", "write_summary", "run_command", "report_run",
            "MONITORS"]
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
@@ -268,6 +268,31 @@ def place_monitors(cfg, output_dir, config_path):
 
 
 # ----------------------------------------------------------------------------- pool, tokenizer, model
+
+def check_run_dirs(args, *, latest_file: str, check_checkpoint: Callable[[str], None],
+                   save_flags: bool = True) -> None:
+    """Refuse, before anything is built, a run directory or checkpoint that is not this run's:
+    unwritable directories, an ``--output-dir`` that holds another run's log, a ``--resume``
+    that ``check_checkpoint`` refuses, a ``--save-dir`` whose ``latest_file`` says it holds
+    another run's checkpoints, a pool that is not one. ``save_flags``: the script takes
+    :func:`add_save_flags`' flags (then ``--resume latest`` means the ``--save-dir``)."""
+    from ds_partitionsel.runs import check_run_dir
+
+    if save_flags:
+        check_save_flags(args)
+    check_writable_dirs(args)
+    if save_flags and args.resume == "latest":
+        args.resume = args.save_dir
+    if args.output_dir:
+        check_run_dir(args.output_dir, resume=bool(args.resume))
+    if args.resume:
+        check_checkpoint(args.resume)
+    if args.save_dir and os.path.isfile(os.path.join(args.save_dir, latest_file)) and \
+            not (args.resume and os.path.samefile(args.save_dir, args.resume)):
+        raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a "
+                         f"new directory (or --resume from it to continue that run)")
+    check_pool_dir(args.pool)
+
 
 def check_pool_dir(pool_dir: str) -> None:
     if not os.path.isfile(os.path.join(pool_dir, "manifest.json")):

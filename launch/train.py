@@ -22,12 +22,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
-                                 check_vocabulary, check_writable_dirs, finish, guarded, load_config,
+                                 check_ranks_agree, check_run_dirs, check_sketch_modules,
+                                 check_vocabulary, finish, guarded, load_config,
                                  load_tokenizer_and_pools, place_monitors, run_main, save_schedule, stop_note,
                                  summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import latest_complete_tag  # noqa: E402
-from ds_partitionsel.runs import check_run_dir, check_run_owner, read_resume_record  # noqa: E402
+from ds_partitionsel.runs import check_run_owner, read_resume_record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,34 +41,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def check_run_dirs(args):
-    """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
-    check_save_flags(args)
-    check_writable_dirs(args)
-    if args.resume == "latest":
-        args.resume = args.save_dir
-    if args.output_dir:
-        check_run_dir(args.output_dir, resume=bool(args.resume))
-    if args.resume:
-        if not os.path.isdir(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such checkpoint directory")
-        if latest_complete_tag(args.resume) is None and not os.path.isfile(os.path.join(args.resume, "latest")):
-            raise UsageError(f"--resume {args.resume} holds no DeepSpeed checkpoint (no 'latest' file); "
-                             f"pass the --save-dir of an earlier run")
-        # plain JSON, before anything is built: a damaged record, and a log of another run, stop here
-        saved = read_resume_record(args.resume, latest_complete_tag(args.resume)) or {}
-        check_run_owner(args.output_dir, saved.get("run_id"), args.resume)
-    if args.save_dir and os.path.isfile(os.path.join(args.save_dir, "latest")) and \
-            not (args.resume and os.path.samefile(args.save_dir, args.resume)):
-        raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a "
-                         f"new directory (or --resume from it to continue that run)")
-    check_pool_dir(args.pool)
+def check_deepspeed_checkpoint(path: str, output_dir) -> None:
+    """``--resume`` must hold a DeepSpeed checkpoint whose resume record reads, of a run whose
+    log is not another run's (plain JSON, before anything is built)."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume {path}: no such checkpoint directory")
+    if latest_complete_tag(path) is None and not os.path.isfile(os.path.join(path, "latest")):
+        raise UsageError(f"--resume {path} holds no DeepSpeed checkpoint (no 'latest' file); "
+                         f"pass the --save-dir of an earlier run")
+    saved = read_resume_record(path, latest_complete_tag(path)) or {}
+    check_run_owner(output_dir, saved.get("run_id"), path)
 
 
 def train(args) -> int:
     cfg, ps_cfg = load_config(args.deepspeed_config, args)  # every config error before anything is built
     place_monitors(cfg, args.output_dir, args.deepspeed_config)
-    check_run_dirs(args)
+    check_run_dirs(args, latest_file="latest",
+                   check_checkpoint=lambda path: check_deepspeed_checkpoint(path, args.output_dir))
     import torch
 
     from ds_partitionsel.engine import initialize

@@ -24,13 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
-                                 check_pool_dir, check_ranks_agree, check_sketch_modules, check_save_flags,
-                                 check_vocabulary, check_writable_dirs, finish, guarded,
+                                 check_ranks_agree, check_run_dirs, check_sketch_modules,
+                                 check_vocabulary, finish, guarded,
                                  load_tokenizer_and_pools, read_config, run_main, save_schedule, stop_note,
                                  summarize, train_steps, write_summary)
 from ds_partitionsel.preemption import write_latest  # noqa: E402
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
-from ds_partitionsel.runs import check_run_dir  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "ds_configs", "zero2.json")
 LATEST = "latest"
@@ -88,30 +87,13 @@ def checkpoint_folder(path: str) -> str:
                      f"pass the --save-dir of an earlier run or one of its global_step<N> folders")
 
 
-def check_dirs(args):
-    """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
-    check_save_flags(args)
-    check_writable_dirs(args)
-    if args.resume == "latest":
-        args.resume = args.save_dir
-    if args.output_dir:
-        check_run_dir(args.output_dir, resume=bool(args.resume))
-    if args.resume:
-        checkpoint_folder(args.resume)
-    if args.save_dir and os.path.isfile(os.path.join(args.save_dir, LATEST)) and \
-            not (args.resume and os.path.samefile(args.save_dir, args.resume)):
-        raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a new "
-                         f"directory (or --resume from it to continue that run)")
-    check_pool_dir(args.pool)
-
-
 def train(args, world: int) -> int:
     if args.lora:
         raise UsageError("--lora is not supported by train_fsdp.py (FSDP2 shards the whole model); drop it")
     if args.hsdp is not None and args.hsdp[0] * args.hsdp[1] != world:
         raise UsageError(f"--hsdp {args.hsdp[0]}x{args.hsdp[1]} does not cover the world of {world} ranks")
     cfg, ps_cfg, batch_size, micro = load_config(args, world)
-    check_dirs(args)
+    check_run_dirs(args, latest_file=LATEST, check_checkpoint=checkpoint_folder)
     import torch
 
     from ds_partitionsel.config import check_pool_fit

@@ -28,10 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_run_flags, check_pool_dir, count_arg, guarded,  # noqa: E402
+from ds_partitionsel.cli import (UsageError, add_run_flags, check_run_dirs, count_arg, guarded,  # noqa: E402
                                  max_token_id, read_config, run_main, summarize, train_steps, write_summary)
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
-from ds_partitionsel.runs import check_run_dir  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "ds_configs", "megatron.json")
 
@@ -85,19 +84,9 @@ def load_config(args, dp: int):
 
 def check_dirs(args):
     """Refuse, before anything is built, a run directory or checkpoint that is not this run's."""
-    from ds_partitionsel.cli import check_writable_dirs
     from ds_partitionsel.megatron_loop import CHECKPOINT_LATEST, checkpoint_folder
 
-    check_writable_dirs(args)
-    if args.output_dir:
-        check_run_dir(args.output_dir, resume=bool(args.resume))
-    if args.resume:
-        checkpoint_folder(args.resume)
-    if args.save_dir and os.path.isfile(os.path.join(args.save_dir, CHECKPOINT_LATEST)) and \
-            not (args.resume and os.path.samefile(args.save_dir, args.resume)):
-        raise UsageError(f"--save-dir {args.save_dir} already holds checkpoints of another run; choose a new "
-                         f"directory (or --resume from it to continue that run)")
-    check_pool_dir(args.pool)
+    check_run_dirs(args, latest_file=CHECKPOINT_LATEST, check_checkpoint=checkpoint_folder, save_flags=False)
 
 
 def model_shape(args, vocab: int, seq_length: int) -> dict:
