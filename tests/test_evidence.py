@@ -31,6 +31,30 @@ def test_diverged_runs_are_counted_and_flagged_not_dropped():
     assert evidence.verdict(dict(evidence.ci95([-1.0, -1.1, float("nan")]))) == "diverged runs"
 
 
+def test_runs_of_another_experiment_under_the_same_name_are_neither_reused_nor_kept(tmp_path):
+    import argparse
+
+    name = "pretrain/matched/x8/partitionsel/seed1"
+    spec = {"name": name, "kind": "pretrain", "method": "partitionsel", "seed": 1, "factor": 8, "steps": 2000,
+            "batch": 16}
+    folder = tmp_path / "out" / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(dict(spec, steps=300)))  # a 300-step run of that name
+    args = argparse.Namespace(out=str(tmp_path / "out"), fresh=False, jobs=1, results=str(tmp_path / "res"))
+    with pytest.raises(SystemExit, match="steps 300, not 2000"):
+        evidence.run_specs(args, [dict(spec)])
+    (folder / "summary.json").unlink()
+    with pytest.raises(SystemExit, match="kept results .*steps 300, not 2000"):
+        evidence.run_specs(args, [dict(spec)], {name: dict(spec, steps=300)})
+    # keep_results merges this experiment's runs only
+    other = tmp_path / "out" / "pretrain/matched/x8/iwd/seed1"
+    other.mkdir(parents=True)
+    (other / "summary.json").write_text(json.dumps(dict(spec, name="pretrain/matched/x8/iwd/seed1", method="iwd")))
+    (folder / "summary.json").write_text(json.dumps(spec))
+    kept = evidence.keep_results(tmp_path / "out", tmp_path / "res", {name})
+    assert [json.loads(line)["name"] for line in kept.read_text().splitlines()] == [name]
+
+
 def test_verdicts_read_the_whole_interval():
     assert evidence.verdict({"mean": -0.3, "ci": 0.1}) == "supported"
     assert evidence.verdict({"mean": 0.3, "ci": 0.1}) == "reversed"

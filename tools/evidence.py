@@ -46,6 +46,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -545,24 +546,47 @@ def sft_specs(args, pool: str) -> list:
             for s in args.seeds for m in args.sft_methods]
 
 
-def kept_names(results: Path) -> set:
-    """Names of the runs already kept in ``<results>/runs.jsonl`` (a later session reuses them)."""
+def kept_names(results: Path) -> dict:
+    """The runs already kept in ``<results>/runs.jsonl`` by name (a later session reuses them)."""
     kept = results / "runs.jsonl"
     if not kept.exists():
-        return set()
-    return {json.loads(line)["name"] for line in kept.read_text().splitlines() if line.strip()}
+        return {}
+    records = (json.loads(line) for line in kept.read_text().splitlines() if line.strip())
+    return {rec["name"]: rec for rec in records}
 
 
-def run_specs(args, specs: list, kept: frozenset = frozenset()) -> None:
+# what a run's name does not say but its summary records: two runs that differ here are not one run
+RUN_IDENTITY = ("kind", "method", "seed", "factor", "steps", "batch")
+
+
+def other_run(spec: dict, record: dict) -> Optional[str]:
+    """How ``record`` (a summary of the run folder or kept result named like ``spec``) differs
+    from ``spec`` (e.g. ``"steps 300, not 2000"``), or None when it is the same run."""
+    diff = [f"{key} {record[key]!r}, not {spec[key]!r}" for key in RUN_IDENTITY
+            if key in spec and key in record and record[key] != spec[key]]
+    return ", ".join(diff) or None
+
+
+def run_specs(args, specs: list, kept: Optional[dict] = None) -> None:
     """Run what is not finished yet (no ``summary.json`` in its folder and not in ``kept``),
-    ``--jobs`` at a time, with progress and an ETA."""
+    ``--jobs`` at a time, with progress and an ETA. A folder or kept result of the same name
+    from another experiment (other steps, batch, ...) stops it: names do not say those."""
     out = REPO / args.out
+    kept = kept or {}
     # seed by seed: an interrupted experiment leaves whole seeds behind
     specs = sorted(specs, key=lambda spec: spec["seed"])
     todo = []
     for spec in specs:
         spec["dir"] = str(out / spec["name"])
-        if args.fresh or not ((Path(spec["dir"]) / "summary.json").exists() or spec["name"] in kept):
+        summary = Path(spec["dir"]) / "summary.json"
+        found = [(f"run folder {spec['dir']}", json.loads(summary.read_text()))] if summary.exists() else []
+        if spec["name"] in kept:
+            found.append((f"kept results ({args.results})", kept[spec["name"]]))
+        for where, record in found:
+            if not args.fresh and other_run(spec, record):
+                raise SystemExit(f"{where} holds another experiment's {spec['name']} ({other_run(spec, record)}); "
+                                 f"give this one its own --out and --results")
+        if args.fresh or not found:
             todo.append(spec)
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; {len(todo)} to run "
           f"({args.jobs} at a time)", flush=True)
@@ -591,9 +615,10 @@ def run_specs(args, specs: list, kept: frozenset = frozenset()) -> None:
 
 # --------------------------------------------------------------------------- results
 
-def keep_results(out: Path, results: Path) -> Path:
+def keep_results(out: Path, results: Path, names: Optional[set] = None) -> Path:
     """Merge every finished run's ``summary.json`` into ``<results>/runs.jsonl`` (one line per run,
-    sorted by name; runs kept earlier and not rerun stay)."""
+    sorted by name; runs kept earlier and not rerun stay); with ``names``, only those runs (this
+    experiment's: another one may share the run folder)."""
     results.mkdir(parents=True, exist_ok=True)
     kept = results / "runs.jsonl"
     runs = {}
@@ -603,7 +628,8 @@ def keep_results(out: Path, results: Path) -> Path:
             runs[rec["name"]] = rec
     for path in sorted(out.glob("**/summary.json")):
         rec = _rounded(json.loads(path.read_text()))
-        runs[rec["name"]] = rec
+        if names is None or rec["name"] in names:
+            runs[rec["name"]] = rec
     tmp = kept.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(runs[k], sort_keys=True) + "\n" for k in sorted(runs)))
     os.replace(tmp, kept)
@@ -1031,7 +1057,7 @@ def run_corpora(args) -> int:
             specs = (pretrain_specs(sub, data) if "pretrain" in args.phase else []) + \
                 (ablation_specs(sub, data) if "ablation" in args.phase else [])
             run_specs(sub, specs, kept_names(results))
-            keep_results(REPO / sub.out, results)
+            keep_results(REPO / sub.out, results, {spec["name"] for spec in specs})
         report(results, sub.target_domain[0])
     print(summary(root, names))
     return 0
@@ -1053,7 +1079,7 @@ def main(argv=None) -> int:
         if "sft" in args.phase:
             specs += sft_specs(args, prepare_sft(args))
         run_specs(args, specs, kept_names(results))
-        keep_results(REPO / args.out, results)
+        keep_results(REPO / args.out, results, {spec["name"] for spec in specs})
     report(results, args.target_domain[0])
     return 0
 
