@@ -1,0 +1,275 @@
+"""sketch.precondition = "adam": candidates' sketches scaled by AdamW's second moments, anchors raw.
+
+Checked against independent computations (a per-sample autograd loop), through a real DeepSpeed
+engine at ZeRO-0/2/3, and across a checkpoint resume.
+"""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from distributed_utils import run_ranks
+from real_pool import build_real_pool
+from test_engine import _ds_config, _engine, _tiny_model
+
+from ds_partitionsel.config import ConfigError, PartitionSelConfig
+from ds_partitionsel.precondition import (AdamMoments, ModulePreconditioner, bias_corrected, build_preconditioners,
+                                          diagonal_preconditioner, rank_one_preconditioner, read_adam_moments)
+from ds_partitionsel.sketch import GradientSketcher, resolve_modules
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return build_real_pool(tmp_path_factory.mktemp("real"))
+
+
+def _model_and_batch(seed=0, n=3, T=12, vocab=64):
+    model = _tiny_model(vocab, seed).double()  # float64: the comparison tests the math, not rounding
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (n, T), generator=gen)
+    return model, ids
+
+
+def _per_sample_grads(model, names, ids):
+    """``{name: (n, d_out, d_in)}``: each row's mean next-token NLL differentiated by autograd alone."""
+    weights = [model.get_submodule(name).weight for name in names]
+    out = {name: [] for name in names}
+    for i in range(ids.shape[0]):
+        logits = model(input_ids=ids[i:i + 1]).logits[0, :-1].float()
+        loss = F.cross_entropy(logits, ids[i, 1:])
+        for name, g in zip(names, torch.autograd.grad(loss, weights)):
+            out[name].append(g.double())
+    return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def _random_moments(sketcher, seed=3, eps=1e-3):
+    gen = torch.Generator().manual_seed(seed)
+    weights = {name: torch.rand(m.out_features, m.in_features, generator=gen) * 1e-2 + 1e-6
+               for name, m in sketcher._modules}
+    return AdamMoments(weights=weights, biases={}, eps=eps, step=1)
+
+
+# --------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("block, message", [
+    ({"precondition": "sgd"}, r"sketch.precondition = 'sgd' is not valid; choose one of: none, adam"),
+    ({"precondition": "adam", "mode": "head_kron"}, r"sketch.mode 'head_kron' has no hooked linears"),
+    ({"precondition": "adam", "proxy_model": "/some/folder"}, r"proxy scorer .* has another optimizer"),
+])
+def test_bad_precondition_config_is_refused_with_the_fix(block, message):
+    with pytest.raises(ConfigError, match=message):
+        PartitionSelConfig.from_dict({"sketch": block})
+
+
+def test_precondition_defaults_to_none():
+    assert PartitionSelConfig.from_dict(None).sketch.precondition == "none"
+    assert PartitionSelConfig.from_dict({"sketch": {"precondition": "adam"}}).sketch.precondition == "adam"
+
+
+# --------------------------------------------------------------------------- pure kernels
+
+def test_kernels_match_their_formulas():
+    v = torch.tensor([[4e-4, 1e-4], [0.0, 9e-4]])
+    assert torch.equal(bias_corrected(v, 3, 0.9), v / (1 - 0.9 ** 3))
+    torch.testing.assert_close(diagonal_preconditioner(v, 1e-2), 1 / (v.sqrt() + 1e-2))
+    # a rank-1 second moment is factored exactly (eps = 0): r c^T = 1 / sqrt(v)
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 4.0])
+    r, c = rank_one_preconditioner(torch.outer(a * a, b * b), 0.0)
+    torch.testing.assert_close(torch.outer(r, c), 1 / torch.outer(a, b))
+    # Adafactor's factors, with sqrt(eps) on each side
+    w = torch.rand(4, 5, generator=torch.Generator().manual_seed(0))
+    r, c = rank_one_preconditioner(w, 1e-4)
+    s = w.double().sum()
+    torch.testing.assert_close(r.double(), 1 / (w.double().sum(1).sqrt() / s ** 0.25 + 1e-2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(c.double(), 1 / (w.double().sum(0).sqrt() / s ** 0.25 + 1e-2), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="step >= 1"):
+        bias_corrected(v, 0, 0.9)
+
+
+# --------------------------------------------------------------------------- the sketcher
+
+def test_exact_preconditioned_rows_equal_per_sample_gradients_times_m():
+    model, ids = _model_and_batch()
+    sk = GradientSketcher(model, modules=1, mode="exact", normalize=False, dtype=torch.float64)
+    moments = _random_moments(sk)
+    pre = build_preconditioners(moments, "exact")
+    got = sk.sketch(ids, preconditioner=pre)
+    grads = _per_sample_grads(model, sk.module_names, ids)
+    want = torch.cat([(grads[n] * diagonal_preconditioner(moments.weights[n], moments.eps).double()).flatten(1)
+                      for n in sk.module_names], 1)
+    # the sketcher's NLL is float32 (as the model's logits.float()): tolerance at float32's scale
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    raw = sk.sketch(ids)
+    assert not torch.allclose(raw, got)  # the preconditioner changed the rows
+
+
+def test_kron_preconditioned_rows_equal_projected_scaled_gradients():
+    model, ids = _model_and_batch(seed=2)
+    sk = GradientSketcher(model, modules=1, mode="kron", kron_dims=(8, 6), normalize=False, dtype=torch.float64)
+    moments = _random_moments(sk, seed=5)
+    pre = build_preconditioners(moments, "kron")
+    got = sk.sketch(ids, preconditioner=pre)
+    grads = _per_sample_grads(model, sk.module_names, ids)
+    want = []
+    for name, m in sk._modules:
+        r, c = rank_one_preconditioner(moments.weights[name], moments.eps)
+        p_in = sk._factor(name, "in", m.in_features, 8, ids.device)
+        p_out = sk._factor(name, "out", m.out_features, 6, ids.device)
+        p_in = torch.eye(m.in_features, dtype=torch.float64) if p_in is None else p_in.double()
+        p_out = torch.eye(m.out_features, dtype=torch.float64) if p_out is None else p_out.double()
+        scaled = r.double()[None, :, None] * grads[name] * c.double()[None, None, :]
+        want.append((p_out.T @ scaled @ p_in).flatten(1))
+    want = torch.cat(want, 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["exact", "kron"])
+def test_unit_preconditioner_gives_the_raw_bits(mode):
+    model, ids = _model_and_batch(seed=4)
+    sk = GradientSketcher(model, modules=1, mode=mode, kron_dims=8)
+    ones = {name: (ModulePreconditioner(weight=torch.ones(m.out_features, m.in_features)) if mode == "exact" else
+                   ModulePreconditioner(row=torch.ones(m.out_features), col=torch.ones(m.in_features)))
+            for name, m in sk._modules}
+    assert torch.equal(sk.sketch(ids, preconditioner=ones), sk.sketch(ids))
+    assert torch.equal(sk.sketch(ids, preconditioner=None), sk.sketch(ids))
+
+
+def test_bad_preconditioner_is_refused():
+    model, ids = _model_and_batch()
+    sk = GradientSketcher(model, modules=1, mode="exact")
+    name, m = sk._modules[0]
+    with pytest.raises(ValueError, match="must map every hooked module"):
+        sk.sketch(ids, preconditioner={name: ModulePreconditioner(weight=torch.ones(m.out_features, m.in_features))})
+    bad = {n: ModulePreconditioner(weight=torch.ones(3, 3)) for n in sk.module_names}
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 3\), expected"):
+        sk.sketch(ids, preconditioner=bad)
+    kron_only = {n: ModulePreconditioner(row=torch.ones(mm.out_features), col=torch.ones(mm.in_features))
+                 for n, mm in sk._modules}
+    with pytest.raises(ValueError, match="has no 'weight', which mode 'exact' needs"):
+        sk.sketch(ids, preconditioner=kron_only)
+
+
+# --------------------------------------------------------------------------- second moments
+
+def _moments_worker(rank, world, stage, steps):
+    """Train a tiny model ``steps`` DeepSpeed steps at ZeRO-``stage`` on fixed batches; the
+    hooked modules' second moments read through the engine, and a plain AdamW's reference."""
+    import deepspeed
+
+    model = _tiny_model(64, seed=0)
+    ref = _tiny_model(64, seed=0)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    modules = resolve_modules(engine.module, 1)
+    before = read_adam_moments(engine.optimizer, modules)
+    gen = torch.Generator().manual_seed(11 + rank)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2 * world, 10), generator=gen)
+        mine = ids[2 * rank:2 * rank + 2]
+        out = engine(input_ids=mine, labels=mine)
+        engine.backward(out.loss)
+        engine.step()
+        ref_opt.zero_grad()
+        # all ranks' rows at once: equal-length rows, so the token mean is the mean of the ranks' means
+        ref(input_ids=ids, labels=ids).loss.backward()
+        ref_opt.step()
+    moments = read_adam_moments(engine.optimizer, modules)
+    ref_moments = read_adam_moments(ref_opt, resolve_modules(ref, 1))
+    return {"before": before, "step": moments.step, "eps": moments.eps,
+            "weights": {k: v.cpu() for k, v in moments.weights.items()},
+            "biases": sorted(moments.biases),
+            "ref": {k: v for k, v in ref_moments.weights.items()}, "ref_step": ref_moments.step}
+
+
+def test_second_moments_agree_across_zero_stages_and_with_plain_adamw():
+    out = {stage: run_ranks(_moments_worker, 1, stage, 3)[0] for stage in (0, 2, 3)}
+    zero0 = out[0]
+    assert zero0["before"] is None  # no optimizer step: no preconditioning
+    assert zero0["step"] == zero0["ref_step"] == 3 and zero0["eps"] == pytest.approx(1e-6)
+    assert zero0["biases"] == []  # Llama's linears have no bias
+    for name, v in zero0["weights"].items():
+        torch.testing.assert_close(v, zero0["ref"][name], rtol=1e-4, atol=1e-12)
+        assert float(v.abs().sum()) > 0
+    for stage in (2, 3):
+        assert out[stage]["before"] is None and out[stage]["step"] == 3, stage
+        assert sorted(out[stage]["weights"]) == sorted(zero0["weights"])
+        for name, v in out[stage]["weights"].items():
+            assert v.shape == zero0["weights"][name].shape, (stage, name)
+            torch.testing.assert_close(v, zero0["weights"][name], rtol=1e-4, atol=1e-12, msg=f"ZeRO-{stage} {name}")
+
+
+@pytest.mark.slow
+def test_partitioned_second_moments_are_the_same_on_every_rank():
+    for stage in (2, 3):
+        ranks = run_ranks(_moments_worker, 2, stage, 2)
+        for name, v in ranks[0]["weights"].items():
+            assert torch.equal(v, ranks[1]["weights"][name]), (stage, name)
+            torch.testing.assert_close(v, ranks[0]["ref"][name], rtol=1e-4, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the selection
+
+ADAM = {"sketch": {"modules": 2, "mode": "exact", "micro_batch": 8, "precondition": "adam"}}
+
+
+def _selection_worker(rank, world, real, ckpt, stage, total, stop, block):
+    cfg = _ds_config(stage, **block)
+    if stop is None:
+        engine = _engine(real, cfg)
+        return [engine.train_step()["selected"] for _ in range(total)]
+    first = _engine(real, cfg)
+    head = [first.train_step()["selected"] for _ in range(stop)]
+    first.save_checkpoint(ckpt, tag="t")
+    second = _engine(real, cfg, seed=99)  # another init: the optimizer state must come from the checkpoint
+    second.load_checkpoint(ckpt, tag="t")
+    return head + [second.train_step()["selected"] for _ in range(total - stop)]
+
+
+def test_adam_selection_resumes_exactly_and_differs_from_raw(real, tmp_path):
+    straight = run_ranks(_selection_worker, 1, real, None, 2, 4, None, ADAM)[0]
+    resumed = run_ranks(_selection_worker, 1, real, str(tmp_path / "ckpt"), 2, 4, 2, ADAM)[0]
+    assert straight == resumed
+    raw = run_ranks(_selection_worker, 1, real, None, 2, 4, None, {})[0]
+    assert straight[0] == raw[0]  # before the first optimizer step there are no second moments
+    assert straight[1:] != raw[1:]  # afterwards the preconditioned candidates select otherwise
+
+
+def _anchors_worker(rank, world, real):
+    """After one identical step (no moments at step 0), the adam and the raw run's targets and
+    candidates at step 1."""
+    out = {}
+    for name, block in (("adam", ADAM), ("none", {"sketch": dict(ADAM["sketch"], precondition="none")})):
+        engine = _engine(real, _ds_config(0, **block))
+        engine.train_step()
+        sel = engine.selector
+        ids = sel.plan(1).local_ids.tolist()[:6]
+        pre = sel.candidate_preconditioner(1)
+        out[name] = {"target": sel.validation_target(1), "pre": pre is not None,
+                     "candidates": sel.sketch_records(sel.pool, ids, preconditioner=pre)}
+    engine = _engine(real, _ds_config(0, **ADAM))
+    engine.selector.optimizer = None
+    try:
+        engine.train_step()
+        out["no_optimizer"] = None
+    except ConfigError as e:
+        out["no_optimizer"] = str(e)
+    return out
+
+
+def test_anchors_stay_raw_and_candidates_are_preconditioned(real):
+    out = run_ranks(_anchors_worker, 1, real)[0]
+    assert out["adam"]["pre"] and not out["none"]["pre"]
+    assert torch.equal(out["adam"]["target"], out["none"]["target"])
+    cos = F.cosine_similarity(out["adam"]["candidates"].double(), out["none"]["candidates"].double(), dim=1)
+    assert float(cos.max()) < 0.999, cos  # every candidate row moved
+    assert "Selector.set_optimizer" in out["no_optimizer"]
+
+
+def test_megatron_and_fsdp_refuse_adam_preconditioning():
+    from ds_partitionsel.megatron import check_selection_config
+
+    cfg = PartitionSelConfig.from_dict(ADAM)
+    with pytest.raises(ConfigError, match="not supported by the Megatron loop"):
+        check_selection_config(cfg)
