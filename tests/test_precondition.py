@@ -158,13 +158,14 @@ def _moments_worker(rank, world, stage, steps):
     model = _tiny_model(64, seed=0)
     ref = _tiny_model(64, seed=0)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6}
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
+           "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 by default; the reference does not
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
     modules = resolve_modules(engine.module, 1)
     before = read_adam_moments(engine.optimizer, modules)
-    gen = torch.Generator().manual_seed(11 + rank)
+    gen = torch.Generator().manual_seed(11)  # the same global batch on every rank
     for _ in range(steps):
         ids = torch.randint(0, 64, (2 * world, 10), generator=gen)
         mine = ids[2 * rank:2 * rank + 2]
@@ -178,35 +179,46 @@ def _moments_worker(rank, world, stage, steps):
     moments = read_adam_moments(engine.optimizer, modules)
     ref_moments = read_adam_moments(ref_opt, resolve_modules(ref, 1))
     return {"before": before, "step": moments.step, "eps": moments.eps,
-            "weights": {k: v.cpu() for k, v in moments.weights.items()},
+            "weights": {k: v.cpu().numpy() for k, v in moments.weights.items()},
             "biases": sorted(moments.biases),
-            "ref": {k: v for k, v in ref_moments.weights.items()}, "ref_step": ref_moments.step}
+            "ref": {k: v.numpy() for k, v in ref_moments.weights.items()}, "ref_step": ref_moments.step}
+
+
+def _close(got, want, what=""):
+    """Equal up to float32 summation order (ZeRO-3 reduces gradients in another order)."""
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()), msg=what or None)
+
+
+def _tensors(result):
+    for key in ("weights", "ref"):
+        result[key] = {k: torch.from_numpy(v) for k, v in result[key].items()}
+    return result
 
 
 def test_second_moments_agree_across_zero_stages_and_with_plain_adamw():
-    out = {stage: run_ranks(_moments_worker, 1, stage, 3)[0] for stage in (0, 2, 3)}
+    out = {stage: _tensors(run_ranks(_moments_worker, 1, stage, 3)[0]) for stage in (0, 2, 3)}
     zero0 = out[0]
     assert zero0["before"] is None  # no optimizer step: no preconditioning
     assert zero0["step"] == zero0["ref_step"] == 3 and zero0["eps"] == pytest.approx(1e-6)
     assert zero0["biases"] == []  # Llama's linears have no bias
     for name, v in zero0["weights"].items():
-        torch.testing.assert_close(v, zero0["ref"][name], rtol=1e-4, atol=1e-12)
+        _close(v, zero0["ref"][name], name)
         assert float(v.abs().sum()) > 0
     for stage in (2, 3):
         assert out[stage]["before"] is None and out[stage]["step"] == 3, stage
         assert sorted(out[stage]["weights"]) == sorted(zero0["weights"])
         for name, v in out[stage]["weights"].items():
             assert v.shape == zero0["weights"][name].shape, (stage, name)
-            torch.testing.assert_close(v, zero0["weights"][name], rtol=1e-4, atol=1e-12, msg=f"ZeRO-{stage} {name}")
+            _close(v, zero0["weights"][name], f"ZeRO-{stage} {name}")
 
 
 @pytest.mark.slow
 def test_partitioned_second_moments_are_the_same_on_every_rank():
     for stage in (2, 3):
-        ranks = run_ranks(_moments_worker, 2, stage, 2)
+        ranks = [_tensors(r) for r in run_ranks(_moments_worker, 2, stage, 2)]
         for name, v in ranks[0]["weights"].items():
             assert torch.equal(v, ranks[1]["weights"][name]), (stage, name)
-            torch.testing.assert_close(v, ranks[0]["ref"][name], rtol=1e-4, atol=1e-12)
+            _close(v, ranks[0]["ref"][name], f"ZeRO-{stage} {name}")
 
 
 # --------------------------------------------------------------------------- the selection
@@ -246,8 +258,8 @@ def _anchors_worker(rank, world, real):
         sel = engine.selector
         ids = sel.plan(1).local_ids.tolist()[:6]
         pre = sel.candidate_preconditioner(1)
-        out[name] = {"target": sel.validation_target(1), "pre": pre is not None,
-                     "candidates": sel.sketch_records(sel.pool, ids, preconditioner=pre)}
+        out[name] = {"target": sel.validation_target(1).numpy(), "pre": pre is not None,
+                     "candidates": sel.sketch_records(sel.pool, ids, preconditioner=pre).numpy()}
     engine = _engine(real, _ds_config(0, **ADAM))
     engine.selector.optimizer = None
     try:
@@ -261,8 +273,9 @@ def _anchors_worker(rank, world, real):
 def test_anchors_stay_raw_and_candidates_are_preconditioned(real):
     out = run_ranks(_anchors_worker, 1, real)[0]
     assert out["adam"]["pre"] and not out["none"]["pre"]
-    assert torch.equal(out["adam"]["target"], out["none"]["target"])
-    cos = F.cosine_similarity(out["adam"]["candidates"].double(), out["none"]["candidates"].double(), dim=1)
+    assert (out["adam"]["target"] == out["none"]["target"]).all()
+    adam, raw = (torch.from_numpy(out[k]["candidates"]).double() for k in ("adam", "none"))
+    cos = F.cosine_similarity(adam, raw, dim=1)
     assert float(cos.max()) < 0.999, cos  # every candidate row moved
     assert "Selector.set_optimizer" in out["no_optimizer"]
 
