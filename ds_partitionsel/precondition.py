@@ -167,6 +167,19 @@ def _step_count(optimizer) -> int:
     return max(steps) if steps else 0
 
 
+def _relink_zero_fragments(optimizer) -> None:
+    """Point each parameter's ZeRO-1/2 (and bf16) optimizer-state fragment at the current state.
+
+    DeepSpeed links these views once, after its first ``step()``; a ``load_checkpoint`` replaces the
+    state tensors without relinking, so until the next step the views are missing (a resumed run) or
+    stale (a run that loads into a stepped engine). Relinking is local (views, no copy, no
+    collective) and idempotent."""
+    for opt in _optimizer_chain(optimizer):
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and hasattr(opt, "_hp_optimizer_states_linked"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+
 def _is_deepspeed_param(param) -> bool:
     return "deepspeed" in sys.modules and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"))
 
@@ -197,6 +210,7 @@ def read_adam_moments(optimizer, modules: Sequence[Tuple[str, torch.nn.Module]],
     if step < 1:
         return None
     beta2, eps = _hyper(optimizer)
+    _relink_zero_fragments(optimizer)
     weights, biases = {}, {}
     for name, module in modules:
         for kind, param, into in (("weight", module.weight, weights), ("bias", getattr(module, "bias", None), biases)):
