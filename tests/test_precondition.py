@@ -248,6 +248,14 @@ def test_adam_selection_resumes_exactly_and_differs_from_raw(real, tmp_path):
     assert straight[1:] != raw[1:]  # afterwards the preconditioned candidates select otherwise
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_adam_selection_resumes_exactly_on_two_partitioned_ranks(real, tmp_path, stage):
+    straight = run_ranks(_selection_worker, 2, real, None, stage, 4, None, ADAM)
+    resumed = run_ranks(_selection_worker, 2, real, str(tmp_path / "ckpt"), stage, 4, 2, ADAM)
+    assert straight[0] == straight[1] == resumed[0] == resumed[1]
+
+
 def _anchors_worker(rank, world, real):
     """After one identical step (no moments at step 0), the adam and the raw run's targets and
     candidates at step 1."""
