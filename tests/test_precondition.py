@@ -294,3 +294,72 @@ def test_megatron_and_fsdp_refuse_adam_preconditioning():
     cfg = PartitionSelConfig.from_dict(ADAM)
     with pytest.raises(ConfigError, match="not supported by the Megatron loop"):
         check_selection_config(cfg)
+
+
+# --------------------------------------------------------------------------- the HF Trainer
+
+def _hf_worker(rank, world, real, out, steps, deepspeed):
+    import copy
+
+    import test_hf
+
+    cfg = test_hf._config()
+    cfg["partitionsel"]["sketch"]["precondition"] = "adam"
+    if deepspeed:
+        engine_cfg = copy.deepcopy(cfg)
+        import transformers
+
+        from ds_partitionsel.engine import initialize
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+        pool, valid = test_hf._pools(real, tok)
+        engine, _, _, _ = initialize(test_hf._tiny_model(len(tok), 0), engine_cfg, pool, valid, tokenizer=tok)
+        engine_selected = [engine.train_step()["selected"] for _ in range(steps)]
+        original = test_hf._config
+        test_hf._config = lambda: copy.deepcopy(cfg)
+        try:
+            trainer = test_hf._trainer(real, out, steps)
+        finally:
+            test_hf._config = original
+    else:  # a plain torch AdamW inside accelerate's wrapper
+        trainer = _plain_trainer(real, out, steps, cfg["partitionsel"])
+    trainer.train()
+    sel = trainer.selector
+    return {"engine": engine_selected if deepspeed else None, "deepspeed": trainer.is_deepspeed_enabled,
+            "moments": sel.candidate_preconditioner(steps) is not None}
+
+
+def _plain_trainer(real, out, steps, block):
+    import transformers
+
+    import test_hf
+    from ds_partitionsel.hf import PartitionSelTrainer
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(real["tokenizer"]))
+    pool, valid = test_hf._pools(real, tok)
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=test_hf.MICRO, max_steps=steps, learning_rate=test_hf.LR,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    return PartitionSelTrainer(model=test_hf._tiny_model(len(tok), 0), args=args, processing_class=tok,
+                               candidate_pool=pool, valid_pool=valid, partitionsel=block)
+
+
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_hf_trainer_hands_its_optimizer_to_the_selection(real, tmp_path, deepspeed):
+    out = run_ranks(_hf_worker, 1, real, str(tmp_path / "hf"), 3, deepspeed)[0]
+    assert out["deepspeed"] == deepspeed
+    assert out["moments"]  # the selector reads the Trainer's optimizer
+    if deepspeed:
+        from ds_partitionsel.records import read_metrics
+
+        steps, _ = read_metrics(tmp_path / "hf")
+        assert [s.selected for s in steps] == out["engine"]  # the engine's preconditioned selections
+
+
+def test_default_modules_leave_the_output_head_and_embeddings_out():
+    model, _ = _model_and_batch()
+    head = model.get_output_embeddings()
+    for spec in (1, 2, 3, "all_linear"):
+        chosen = resolve_modules(model, spec)
+        assert chosen and all(m is not head and isinstance(m, torch.nn.Linear) for _, m in chosen), spec
+        assert "lm_head" not in {n for n, _ in chosen}, spec
