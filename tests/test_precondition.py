@@ -363,3 +363,19 @@ def test_default_modules_leave_the_output_head_and_embeddings_out():
         chosen = resolve_modules(model, spec)
         assert chosen and all(m is not head and isinstance(m, torch.nn.Linear) for _, m in chosen), spec
         assert "lm_head" not in {n for n, _ in chosen}, spec
+
+
+def test_bench_tool_prints_its_table_and_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/bench_precondition.py", "--hidden", "32", "--layers", "2",
+                           "--steps", "3", "--n", "4", "--kron", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "diag vs rank1" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [r["pair"] for r in result["rows"]] == ["diag vs rank1", "raw vs diag", "raw vs rank1"]
+    assert result["step"] == 3 and result["kron_time_ratio"] > 0
