@@ -379,3 +379,36 @@ def test_bench_tool_prints_its_table_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert [r["pair"] for r in result["rows"]] == ["diag vs rank1", "raw vs diag", "raw vs rank1"]
     assert result["step"] == 3 and result["kron_time_ratio"] > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "kron"])
+def test_bias_gradients_get_their_own_elementwise_preconditioner(mode):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=64, attention_bias=True)).double()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    sk = GradientSketcher(model, modules=r"self_attn\.v_proj", mode=mode, kron_dims=8, include_bias=True,
+                          normalize=False, dtype=torch.float64)
+    (name, module), = sk._modules
+    gen = torch.Generator().manual_seed(2)
+    moments = AdamMoments(weights={name: torch.rand(module.out_features, module.in_features, generator=gen) + 0.1},
+                          biases={name: torch.rand(module.out_features, generator=gen) + 0.1}, eps=1e-3, step=1)
+    pre = build_preconditioners(moments, mode, with_bias=True)
+    got = sk.sketch(ids, preconditioner=pre)
+    grads = {}
+    for i in range(ids.shape[0]):  # per-sample bias gradients by autograd
+        loss = F.cross_entropy(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(), ids[i, 1:])
+        grads.setdefault("b", []).append(torch.autograd.grad(loss, module.bias)[0].double())
+    bias = torch.stack(grads["b"]) * diagonal_preconditioner(moments.biases[name], 1e-3).double()
+    if mode == "kron":
+        p_out = sk._factor(name, "out", module.out_features, 8, ids.device)
+        bias = bias @ (torch.eye(module.out_features, dtype=torch.float64) if p_out is None else p_out.double())
+    width = bias.shape[1]
+    torch.testing.assert_close(got[:, -width:], bias, rtol=1e-4, atol=1e-6 * float(bias.abs().max()))
+    # without a bias preconditioner the bias block is the raw one
+    raw = sk.sketch(ids)
+    no_bias_pre = {name: ModulePreconditioner(weight=pre[name].weight, row=pre[name].row, col=pre[name].col)}
+    torch.testing.assert_close(sk.sketch(ids, preconditioner=no_bias_pre)[:, -width:], raw[:, -width:])
