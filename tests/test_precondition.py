@@ -412,3 +412,12 @@ def test_bias_gradients_get_their_own_elementwise_preconditioner(mode):
     raw = sk.sketch(ids)
     no_bias_pre = {name: ModulePreconditioner(weight=pre[name].weight, row=pre[name].row, col=pre[name].col)}
     torch.testing.assert_close(sk.sketch(ids, preconditioner=no_bias_pre)[:, -width:], raw[:, -width:])
+
+
+def test_fsdp_loop_refuses_adam_preconditioning():
+    pytest.importorskip("torch.distributed.fsdp")
+    from ds_partitionsel.fsdp import PartitionSelFSDP
+
+    model, _ = _model_and_batch()
+    with pytest.raises(ConfigError, match="not supported by the FSDP2 loop"):
+        PartitionSelFSDP(model, None, ADAM, None, None, batch_size=2, micro_batch=1, pad_token_id=0)
