@@ -421,3 +421,43 @@ def test_fsdp_loop_refuses_adam_preconditioning():
     model, _ = _model_and_batch()
     with pytest.raises(ConfigError, match="not supported by the FSDP2 loop"):
         PartitionSelFSDP(model, None, ADAM, None, None, batch_size=2, micro_batch=1, pad_token_id=0)
+
+
+def _reload_worker(rank, world, ckpt):
+    """ZeRO-2: an engine that has stepped loads another run's checkpoint; its moments must be the
+    checkpoint's (DeepSpeed's state views still point at the replaced tensors until relinked)."""
+    import deepspeed
+
+    def engine_and_modules(seed):
+        model = _tiny_model(64, seed=seed)
+        cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 6}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=cfg,
+                                               optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        return engine, resolve_modules(engine.module, 1)
+
+    def train(engine, seed, steps):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            ids = torch.randint(0, 64, (2, 10), generator=gen)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+
+    saved, modules = engine_and_modules(0)
+    train(saved, 1, 3)
+    saved.save_checkpoint(ckpt, tag="t")
+    want = read_adam_moments(saved.optimizer, modules)
+    other, other_modules = engine_and_modules(5)
+    train(other, 2, 1)
+    before = read_adam_moments(other.optimizer, other_modules)
+    other.load_checkpoint(ckpt, tag="t")
+    got = read_adam_moments(other.optimizer, other_modules)
+    name = modules[0][0]
+    return {"want_step": want.step, "got_step": got.step, "before_step": before.step,
+            "same": all(torch.equal(got.weights[n], want.weights[n]) for n in want.weights),
+            "differed": not torch.equal(before.weights[name], want.weights[name])}
+
+
+def test_moments_after_load_checkpoint_are_the_checkpoints(tmp_path):
+    out = run_ranks(_reload_worker, 1, str(tmp_path / "ckpt"))[0]
+    assert out["before_step"] == 1 and out["want_step"] == out["got_step"] == 3, out
+    assert out["differed"] and out["same"], out
