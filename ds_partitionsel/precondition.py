@@ -206,10 +206,10 @@ def read_adam_moments(optimizer, modules: Sequence[Tuple[str, torch.nn.Module]],
     """Bias-corrected second moments of ``modules``' weights and biases from ``optimizer``
     (a DeepSpeed engine's optimizer at any ZeRO stage, or a torch optimizer, possibly wrapped);
     None before the first optimizer step. Every rank gets the same values (gathered under ZeRO)."""
+    beta2, eps = _hyper(optimizer)  # first: an optimizer without Adam's moments is refused, not skipped
     step = _step_count(optimizer)
     if step < 1:
         return None
-    beta2, eps = _hyper(optimizer)
     _relink_zero_fragments(optimizer)
     weights, biases = {}, {}
     for name, module in modules:

@@ -461,3 +461,21 @@ def test_moments_after_load_checkpoint_are_the_checkpoints(tmp_path):
     out = run_ranks(_reload_worker, 1, str(tmp_path / "ckpt"))[0]
     assert out["before_step"] == 1 and out["want_step"] == out["got_step"] == 3, out
     assert out["differed"] and out["same"], out
+
+
+def test_optimizer_without_adam_moments_is_refused():
+    model, ids = _model_and_batch()
+    modules = resolve_modules(model, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="needs an Adam-family optimizer .* SGD has none"):
+        read_adam_moments(sgd, modules)
+    adam = torch.optim.AdamW([{"params": model.model.layers[0].parameters(), "eps": 1e-8},
+                              {"params": model.model.layers[1].parameters(), "eps": 1e-6}])
+    with pytest.raises(ValueError, match=r"one \(beta2, eps\) for all parameter groups"):
+        read_adam_moments(adam, modules)
+    frozen = torch.optim.AdamW(model.model.layers[0].parameters())  # does not train the sketched block
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    frozen.step()
+    with pytest.raises(ValueError, match="holds no 'exp_avg_sq' for model.layers.1"):
+        read_adam_moments(frozen, modules)
