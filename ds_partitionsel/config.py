@@ -37,6 +37,7 @@ from ds_partitionsel.solver import RULES
 
 SELECTION_MODES = ("auto", "replicated", "sharded")
 SKETCH_MODES = ("exact", "kron", "head", "head_kron")
+PRECONDITIONS = ("none", "adam")  # ds_partitionsel.precondition
 ANCHOR_MIXES = ("pooled", "per_domain")
 MAX_SEED = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
 
@@ -185,6 +186,8 @@ class SketchConfig(_Block):
     score_len: Optional[int] = Field(None, json_schema_extra=_expects(
         "null (score whole sequences) or an integer >= 2 (tokens of the seeded window of each "
         "candidate and anchor that is scored)"))
+    # "adam": candidates' sketches scaled by AdamW's 1/(sqrt(v_hat)+eps), anchors raw
+    precondition: Literal[PRECONDITIONS] = "none"
 
     @field_validator("modules")
     @classmethod
@@ -249,6 +252,16 @@ class SketchConfig(_Block):
             raise PydanticCustomError(
                 "partitionsel_rule", "partitionsel.sketch.proxy_config builds an untrained proxy: set "
                                 "partitionsel.sketch.proxy_train to true (it trains on the selected batches)")
+        if self.precondition == "adam" and self.mode in ("head", "head_kron"):
+            raise PydanticCustomError(
+                "partitionsel_rule", f"partitionsel.sketch.precondition 'adam' scales the hooked linears' "
+                                f"gradients by the optimizer's second moments; sketch.mode {self.mode!r} has no "
+                                f"hooked linears: use sketch.mode 'exact' or 'kron', or precondition 'none'")
+        if self.precondition == "adam" and (self.proxy_model is not None or self.proxy_config is not None):
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.precondition 'adam' needs the trained model's "
+                                "optimizer state; a proxy scorer (sketch.proxy_model / proxy_config) has "
+                                "another optimizer: drop the proxy or use precondition 'none'")
         return self
 
 

@@ -100,6 +100,7 @@ class PartitionSelEngine:
                               f"gradient accumulation {self.grad_accum} x world {world}")
         self.selector = Selector(engine.module, cfg, pool, valid_pool, batch_size=self.batch_size,
                                  pad_token_id=pad_token_id)
+        self.selector.set_optimizer(engine.optimizer)  # sketch.precondition "adam" reads its second moments
         self.sink = MetricsSink(output_dir, rank=self.selector.rank, monitor=getattr(engine, "monitor", None),
                                 resume=resume)
         self.step_runner = TrainStep(self.selector, self.sink, model=engine.module, micro_batch=self.micro_batch)

@@ -163,6 +163,10 @@ class PartitionSelFSDP:
         if mesh is not None and group is None and mesh.size() != dist.get_world_size():
             raise ConfigError(f"the mesh spans {mesh.size()} of {dist.get_world_size()} ranks: pass group= (the "
                               f"process group of the mesh's data-parallel ranks) for the selection")
+        if cfg.sketch.precondition != "none":
+            raise ConfigError(f"partitionsel.sketch.precondition {cfg.sketch.precondition!r} is not supported by the "
+                              f"FSDP2 loop (DTensor optimizer state); it works with the DeepSpeed engine "
+                              f"(ds_partitionsel.engine) and the HF Trainer: use 'none' here")
         check_root_keeps_parameters(model)
         world = dist.get_world_size(group)
         if micro_batch < 1 or batch_size % (micro_batch * world):

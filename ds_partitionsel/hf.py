@@ -81,6 +81,8 @@ class SelectedBatches:
         tr = self.trainer
         if tr.selector is None:  # the model is prepared by now (DeepSpeed engine, ZeRO-3 hooks)
             tr.selector = tr._build_selector()
+            # sketch.precondition "adam": under DeepSpeed the Trainer's optimizer wraps the engine's
+            tr.selector.set_optimizer(tr.optimizer)
             tr.step_runner = TrainStep(tr.selector, tr.sink, model=tr.model,
                                        micro_batch=tr.args.per_device_train_batch_size, listeners=[tr._log_record])
             if tr._resume_from:

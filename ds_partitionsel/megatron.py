@@ -484,6 +484,10 @@ def check_selection_config(cfg) -> None:
     if cfg.sketch.modules == "lora":
         raise ConfigError("partitionsel.sketch.modules='lora' needs a peft LoRA model; Megatron models "
                           "have none here: use an int, 'all_linear', names or a regex")
+    if cfg.sketch.precondition != "none":
+        raise ConfigError(f"partitionsel.sketch.precondition {cfg.sketch.precondition!r} is not supported by the "
+                          f"Megatron loop (tensor-parallel sketches, distributed optimizer state); it works with "
+                          f"the DeepSpeed engine (ds_partitionsel.engine) and the HF Trainer: use 'none' here")
 
 
 class MegatronSelector(Selector):

@@ -230,6 +230,8 @@ class Selector:
             raise ConfigError(f"partitionsel.sketch.mode {sk.mode!r} (forward-only LM-head features) cannot "
                               f"sketch this model with {type(self).__name__}: {e}") from None
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
+        # the trained model's optimizer, for sketch.precondition = "adam" (set_optimizer)
+        self.optimizer, self._said_no_moments = None, False
         self._target, self._target_key = None, None
         # carried across steps, so in the checkpoint (state_dict): the EMA target of
         # validation.ema and the per-domain gains of the curriculum budgets
@@ -239,6 +241,35 @@ class Selector:
         # the current group of steps_per_pool steps: its batches (state_dict carries them, so a
         # resume in the middle of a group trains what a straight run trains)
         self._group, self._group_rows, self._group_timings, self._group_bytes = None, None, None, 0
+
+    def set_optimizer(self, optimizer) -> None:
+        """Hand over the optimizer that trains ``model`` (a torch optimizer, possibly wrapped, or a
+        DeepSpeed engine's ``engine.optimizer`` at any ZeRO stage): with ``sketch.precondition =
+        "adam"`` the candidates' sketches are preconditioned by its second moments."""
+        self.optimizer = optimizer
+
+    def candidate_preconditioner(self, step: int):
+        """Module name -> :class:`~ds_partitionsel.precondition.ModulePreconditioner` of the
+        candidates' sketches at ``step`` (None: raw, for ``precondition = "none"`` and before the
+        optimizer's first step). Under ZeRO a collective (the second moments are gathered)."""
+        if self.cfg.sketch.precondition != "adam":
+            return None
+        from ds_partitionsel.precondition import build_preconditioners, read_adam_moments
+
+        if self.optimizer is None:
+            raise ConfigError("partitionsel.sketch.precondition 'adam' needs the optimizer: the training loop "
+                              "must call Selector.set_optimizer(optimizer) before the first selection")
+        try:
+            moments = read_adam_moments(self.optimizer, self.sketcher._modules, device=self.device)
+        except ValueError as e:
+            raise ConfigError(f"partitionsel.sketch.precondition 'adam': {e}") from None
+        if moments is None:
+            if not self._said_no_moments:
+                logger.info("step %d: sketch.precondition 'adam': the optimizer has taken no step yet (no "
+                            "second moments); candidates are sketched raw until it has", step)
+                self._said_no_moments = True
+            return None
+        return build_preconditioners(moments, self.sketcher.mode, with_bias=self.sketcher.include_bias)
 
     def _sketcher_class(self):
         """What sketches ``self.scorer`` (a subclass may sketch other models, e.g. tensor-parallel ones)."""
@@ -374,7 +405,8 @@ class Selector:
             features = torch.zeros(hi - lo, 1)  # no gradients needed
             target = torch.zeros(1)
         else:
-            features = self.sketch_records(self.pool, plan.local_ids.tolist(), window=("pool", group))
+            features = self.sketch_records(self.pool, plan.local_ids.tolist(), window=("pool", group),
+                                           preconditioner=self.candidate_preconditioner(first_step))
             t_sketch = time.perf_counter() - start
             t1 = time.perf_counter()
             target = self.validation_target(first_step)
@@ -503,14 +535,16 @@ class Selector:
 
     # ------------------------------------------------------------------ sketches and target
 
-    def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None, window=None) -> torch.Tensor:
+    def sketch_records(self, pool, ids, lockstep_rows: Optional[int] = None, window=None,
+                       preconditioner=None) -> torch.Tensor:
         """Features of records ``ids`` (n, p) on the host, sketched ``sketch.micro_batch`` at a time.
 
         Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
         ``lockstep_rows`` pads the work to that many rows with repeats that are discarded.
         ``window``: the draw key of ``sketch.score_len`` windows (None: whole sequences); with
         ``score_len`` set, each record is scored on its seeded window
-        (:mod:`ds_partitionsel.windows`).
+        (:mod:`ds_partitionsel.windows`). ``preconditioner``: see :meth:`candidate_preconditioner`
+        (the anchors are always sketched raw).
         """
         total = max(len(ids), lockstep_rows or 0)
         width = self.cfg.sketch.score_len
@@ -519,15 +553,16 @@ class Selector:
             batch = pool.collate(work, self.pad_token_id)
             if width is not None and window is not None:
                 batch = crop_windows(batch, work, width, self.cfg.seed, (getattr(pool, "split", ""), *window))
-            rows.append(self._sketch_batch(batch)[:n_real])
+            rows.append(self._sketch_batch(batch, preconditioner)[:n_real])
         p = self.sketcher.feature_dim
         return torch.cat(rows) if rows else torch.zeros(0, p)
 
-    def _sketch_batch(self, batch) -> torch.Tensor:
+    def _sketch_batch(self, batch, preconditioner=None) -> torch.Tensor:
         dev = self.device
+        extra = {} if preconditioner is None else {"preconditioner": preconditioner}
         try:
             return self.sketcher.sketch(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                        batch["loss_mask"].to(dev)).float().cpu()
+                                        batch["loss_mask"].to(dev), **extra).float().cpu()
         except FloatingPointError:
             # keep the step going: mark the whole chunk non-finite, it is dropped and counted
             n = batch["input_ids"].shape[0]

@@ -442,6 +442,8 @@ class GradientSketcher:
         self._projector = (BlockGaussianProjection(self.dim, seed=self.seed)
                            if self.dim is not None else None)
         self._factor_cache: Dict[Tuple[str, str, str], Optional[torch.Tensor]] = {}
+        # module name -> ModulePreconditioner during one sketch() / sketch_gram() call, else None
+        self._precondition: Optional[Dict[str, object]] = None
         self._forward_kwargs = self._supported_forward_kwargs()
         self._head = self._chunkable_head() if head_chunk is not None else None
         if self._head is None:
@@ -515,11 +517,42 @@ class GradientSketcher:
             return set()
         return {k for k in ("position_ids", "logits_to_keep", "use_cache") if k in params}
 
+    def _check_preconditioner(self, preconditioner, device) -> Optional[Dict[str, object]]:
+        """``preconditioner`` checked against the hooked modules and moved to ``device`` in the
+        compute dtype (None stays None: raw gradients)."""
+        if preconditioner is None:
+            return None
+        if not isinstance(preconditioner, dict) or set(preconditioner) != set(self.module_names):
+            got = sorted(preconditioner) if isinstance(preconditioner, dict) else type(preconditioner).__name__
+            raise ValueError(f"preconditioner must map every hooked module {self.module_names} to a "
+                             f"ModulePreconditioner, got {got}")
+        from .precondition import ModulePreconditioner
+
+        out = {}
+        for name, module in self._modules:
+            pre = preconditioner[name]
+            d_in, d_out = self._linear_sizes(module)
+            want = ({"weight": (d_out, d_in)} if self.mode == "exact" else {"row": (d_out,), "col": (d_in,)})
+            want["bias"] = (d_out,)
+            moved = {}
+            for key, shape in want.items():
+                value = getattr(pre, key)
+                if value is None:
+                    if key != "bias":
+                        raise ValueError(f"preconditioner of {name} has no {key!r}, which mode {self.mode!r} needs")
+                    continue
+                if tuple(value.shape) != shape:
+                    raise ValueError(f"preconditioner of {name}: {key} has shape {tuple(value.shape)}, "
+                                     f"expected {shape}")
+                moved[key] = value.to(device=device, dtype=self.compute_dtype)
+            out[name] = ModulePreconditioner(**moved)
+        return out
+
     # ------------------------------------------------------------------ public face
 
     def sketch(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                loss_mask: Optional[torch.Tensor] = None, *, return_losses: bool = False,
-               batch_size: Optional[int] = None):
+               batch_size: Optional[int] = None, preconditioner: Optional[Dict[str, "ModulePreconditioner"]] = None):
         """Gradient features of each sequence's mean label NLL.
 
         Parameters
@@ -535,6 +568,11 @@ class GradientSketcher:
         batch_size : int, optional
             Process at most this many rows per forward/backward (bounds memory; the result does
             not depend on it up to float rounding).
+        preconditioner : dict, optional
+            Module name -> :class:`~ds_partitionsel.precondition.ModulePreconditioner` for every
+            hooked module: each per-sample gradient is multiplied element-wise by ``M`` (``exact``)
+            or by its rank-1 factors ``diag(r) G diag(c)`` (``kron``) before it is sketched (see
+            :mod:`ds_partitionsel.precondition`). None (default): raw gradients.
 
         Returns
         -------
@@ -547,16 +585,20 @@ class GradientSketcher:
         step = n if batch_size is None else int(batch_size)
         if step <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._precondition = self._check_preconditioner(preconditioner, input_ids.device)
 
         _warn_empty_rows(labels)
 
         # filled in place, batch by batch and block by block: no concatenation copies
         features = torch.zeros(n, self.feature_dim, dtype=self.compute_dtype, device=input_ids.device)
         losses = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            losses[sl] = self._sketch_batch(input_ids[sl], attention_mask[sl], labels[sl],
-                                            features[sl])
+        try:
+            for start in range(0, n, step):
+                sl = slice(start, min(start + step, n))
+                losses[sl] = self._sketch_batch(input_ids[sl], attention_mask[sl], labels[sl],
+                                                features[sl])
+        finally:
+            self._precondition = None
 
         bad = _nonfinite_rows(features)
         if bool(bad.any()):
@@ -572,7 +614,8 @@ class GradientSketcher:
 
     def sketch_gram(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     loss_mask: Optional[torch.Tensor] = None, *, target: Optional[torch.Tensor] = None,
-                    batch_size: Optional[int] = None, spill_dir: Optional[str] = None):
+                    batch_size: Optional[int] = None, spill_dir: Optional[str] = None,
+                    preconditioner: Optional[Dict[str, "ModulePreconditioner"]] = None):
         """What selection needs from the features, without ever holding them: the Gram matrix,
         the scores against ``target`` and the losses, streamed micro-batch by micro-batch.
 
@@ -592,6 +635,7 @@ class GradientSketcher:
 
         Returns ``(gram (n, n) float64, scores (n,) float64 or None, losses (n,) float32)``.
         ``target`` (p,): the validation gradient in this sketch's feature space (unnormalized).
+        ``preconditioner``: as in :meth:`sketch`.
         """
         import shutil
         import tempfile
@@ -611,6 +655,7 @@ class GradientSketcher:
             raise ValueError(f"target must have shape ({self.feature_dim},), got {tuple(target.shape)}")
         _warn_empty_rows(labels)
         device = input_ids.device
+        self._precondition = self._check_preconditioner(preconditioner, device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=device)
         scores = torch.zeros(n, dtype=torch.float64, device=device) if target is not None else None
         losses = torch.zeros(n, dtype=torch.float32, device=device)
@@ -645,6 +690,7 @@ class GradientSketcher:
 
                 losses[rows] = self._sketch_batch(input_ids[rows], attention_mask[rows], labels[rows], None, sink)
         finally:
+            self._precondition = None
             shutil.rmtree(folder, ignore_errors=True)
         if bool(bad.any()):
             raise FloatingPointError(
@@ -774,6 +820,9 @@ class GradientSketcher:
             if x.dim() != 3:
                 raise RuntimeError(f"{name}: expected (batch, seq, features) activations, got {tuple(x.shape)}")
             x = x.to(self.compute_dtype)
+            pre = self._precondition.get(name) if self._precondition else None
+            if pre is not None and pre.col is not None:  # kron: G diag(c) = sum_t delta_t (c * x_t)^T
+                x = x * pre.col
             if self.mode == "kron":
                 p_in = self._factor(name, "in", module.in_features, p_in_k, x.device)
                 if p_in is not None:
@@ -855,19 +904,33 @@ class GradientSketcher:
     def _reduce_module(self, block: SketchBlock, cap: _Capture, deltas, real) -> torch.Tensor:
         """``(n, block.width)``: the module's weight (and bias) gradient sketch, summed over calls."""
         module = dict(self._modules)[block.name]
+        pre = self._precondition.get(block.name) if self._precondition else None
         out = None
         for x, delta in zip(cap.inputs, deltas):  # unused outputs get zero deltas
             delta = delta.to(self.compute_dtype)
             # padding never contributes, even if the model left NaN there
             x = torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
             delta = torch.where(real, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+            bias = None  # (n, d_out or k_out): the bias gradient sum_t delta_t, preconditioned
+            if block.bias and pre is not None:
+                bias = delta.sum(1) if pre.bias is None else delta.sum(1) * pre.bias
+            if pre is not None and pre.row is not None:  # kron: diag(r) G = sum_t (r * delta_t) x_t^T
+                delta = delta * pre.row
+            p_out = None
             if self.mode == "kron":
                 p_out = self._factor(block.name, "out", module.out_features, self.kron_dims[1], x.device)
                 if p_out is not None:
                     delta = delta @ p_out
-            part = exact_weight_grads(delta, x)
             if block.bias:
-                part = torch.cat([part, delta.sum(1)], dim=1)
+                if bias is None:  # raw: the sum of the (projected) output gradients
+                    bias = delta.sum(1)
+                elif p_out is not None:
+                    bias = bias @ p_out
+            part = exact_weight_grads(delta, x)
+            if pre is not None and pre.weight is not None:  # exact: M * G, in W.grad's order
+                part = part * pre.weight.reshape(1, -1)
+            if bias is not None:
+                part = torch.cat([part, bias], dim=1)
             out = part if out is None else out + part
         return out
 

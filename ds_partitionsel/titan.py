@@ -133,6 +133,10 @@ class PartitionSelDataLoader(_dataloader.BaseDataLoader):
         from ds_partitionsel.selector import Selector
 
         group = self.group
+        if self.cfg.sketch.precondition != "none":
+            raise ConfigError(f"partitionsel.sketch.precondition {self.cfg.sketch.precondition!r} is not supported "
+                              f"by the TorchTitan loader (DTensor optimizer state); it works with the DeepSpeed "
+                              f"engine (ds_partitionsel.engine) and the HF Trainer: use 'none' here")
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         if world != self.dp_world_size:
             raise ConfigError(f"the selection's process group has {world} ranks, the trainer's data-parallel "
