@@ -145,7 +145,7 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
             "partitionsel", "--factors", "2", "--jobs", "1", "--vocab", "300", "--hidden", "16", "--layers", "1",
             "--heads", "2", "--batch", "4", "--steps", "3", "--eval-interval", "1", "--eval-per-domain", "4",
             "--anchors", "4", "--measure-interval", "1", "--cache", str(cache), "--out", str(tmp_path / "runs"),
-            "--results", str(results), "--ablations", "old_default", "greedy_rule"]
+            "--results", str(results), "--ablations", "old_default", "adam_preconditioned"]
     assert evidence.main(argv) == 0
     kept = results / "evidence"
     runs = [json.loads(line) for line in (kept / "runs.jsonl").read_text().splitlines()]
@@ -161,7 +161,7 @@ def test_evidence_runs_every_phase_and_reports_with_confidence_intervals(tmp_pat
                for r in random_runs)
     tables = json.loads((kept / "tables.json").read_text())
     assert {"pretrain_matched_x2", "pretrain_target_x2", "ablations"} <= set(tables)
-    assert set(tables["ablations"]) == {f"{v} @ {s}" for v in ("old_default", "greedy_rule")
+    assert set(tables["ablations"]) == {f"{v} @ {s}" for v in ("old_default", "adam_preconditioned")
                                         for s in ("matched", "target")}
     old = tables["ablations"]["old_default @ target"]
     assert old["vs_ref"]["n"] == 2 and old["vs_random"]["n"] == 2

@@ -65,6 +65,7 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "temperature_1": {"temperature": 1.0},
     "temperature_10": {"temperature": 10.0},
     "uniform_within_budgets": {"temperature": 1e6},  # the hot limit: the validation budgets, no gradient choice
+    "adam_preconditioned": {"sketch": {"precondition": "adam"}},
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
     "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
@@ -327,6 +328,7 @@ def run_one(spec: dict) -> dict:
     runner = TrainStep(selector, micro_batch=spec["batch"])  # the product's step; evaluation is eval_now's
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=spec.get("weight_decay", 0.0))
+    selector.set_optimizer(opt)  # sketch.precondition "adam" reads its second moments
     steps = spec["steps"]
     metrics = open(out / "metrics.jsonl.tmp", "w")
     wall = 0.0
