@@ -214,7 +214,7 @@ def test_second_moments_agree_across_zero_stages_and_with_plain_adamw():
 
 @pytest.mark.slow
 def test_partitioned_second_moments_are_the_same_on_every_rank():
-    for stage in (2, 3):
+    for stage in (2,):  # ZeRO-3 on 2 ranks: the resume test below selects identically on both
         ranks = [_tensors(r) for r in run_ranks(_moments_worker, 2, stage, 2)]
         for name, v in ranks[0]["weights"].items():
             assert torch.equal(v, ranks[1]["weights"][name]), (stage, name)
@@ -249,7 +249,7 @@ def test_adam_selection_resumes_exactly_and_differs_from_raw(real, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2: one rank above, and the moments on two ranks
 def test_adam_selection_resumes_exactly_on_two_partitioned_ranks(real, tmp_path, stage):
     straight = run_ranks(_selection_worker, 2, real, None, stage, 4, None, ADAM)
     resumed = run_ranks(_selection_worker, 2, real, str(tmp_path / "ckpt"), stage, 4, 2, ADAM)
