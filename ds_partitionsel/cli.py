@@ -25,7 +25,7 @@ __all__ = ["UsageError", "StepFailed", "guarded", "count_arg", "positive_float",
            "add_save_flags", "check_ranks_agree", "check_sketch_modules", "check_writable", "check_writable_dirs",
            "check_save_flags", "save_schedule", "stop_note", "read_config", "load_config", "place_monitors",
            "check_pool_dir", "max_token_id", "check_vocabulary", "build_model", "load_tokenizer_and_pools",
-           "run_main", "train_steps", "finish", "check_run_dirs", "summarize", "write_summary", "run_command", "report_run",
+           "run_main", "train_steps", "finish", "check_run_dirs", "adamw_from_config", "rank_device", "summarize", "write_summary", "run_command", "report_run",
            "MONITORS"]
 
 MONITORS = ("csv_monitor", "tensorboard")  # DeepSpeed monitors that write files under output_path
@@ -268,6 +268,29 @@ def place_monitors(cfg, output_dir, config_path):
 
 
 # ----------------------------------------------------------------------------- pool, tokenizer, model
+
+def adamw_from_config(params, cfg: dict, args):
+    """``torch.optim.AdamW`` with the DeepSpeed config's optimizer params (weight decay, betas,
+    eps) and lr ``--lr``, else the config's, else 1e-4: for the loops that own their optimizer."""
+    import torch
+
+    opt = (cfg.get("optimizer") or {}).get("params", {})
+    lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
+                             betas=tuple(opt.get("betas", (0.9, 0.999))), eps=float(opt.get("eps", 1e-8)))
+
+
+def rank_device():
+    """This rank's device: its GPU (``LOCAL_RANK``), made current before NCCL starts, when CUDA
+    is there and ``DS_ACCELERATOR`` is not ``cpu``; else the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # one GPU per rank
+        return device
+    return torch.device("cpu")
+
 
 def check_run_dirs(args, *, latest_file: str, check_checkpoint: Callable[[str], None],
                    save_flags: bool = True) -> None:

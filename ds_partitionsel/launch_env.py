@@ -106,7 +106,7 @@ def _rendezvous_failure(exc: Exception, timeout_s: float) -> str:
         return (f"MASTER_PORT {port} on {addr} is already in use (another run on this machine?); start this "
                 f"run on a free port: MASTER_PORT=<port> for the scripts of launch/, --master_port for deepspeed "
                 f"and torchrun")
-    if "timed out" in text or "Timeout" in text or "timeout" in text:
+    if "timed out" in text.lower() or "timeout" in text.lower():
         return (f"rank {rank} could not reach the master at {addr}:{port} within {timeout_s:g} s "
                 f"(partitionsel.timeout_s): rank 0 has not started, has died, or listens elsewhere; check "
                 f"MASTER_ADDR and MASTER_PORT on every rank and rank 0's log")

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
 from ds_partitionsel.cli import (UsageError, add_model_flags, add_run_flags, add_save_flags, build_model,  # noqa: E402
-                                 check_ranks_agree, check_run_dirs, check_sketch_modules,
+                                 check_ranks_agree, check_run_dirs, check_sketch_modules, adamw_from_config, rank_device,
                                  check_vocabulary, finish, guarded,
                                  load_tokenizer_and_pools, read_config, run_main, save_schedule, stop_note,
                                  summarize, train_steps, write_summary)
@@ -108,13 +108,7 @@ def train(args, world: int) -> int:
     model = build_model(args, tokenizer)
     check_vocabulary(args.pool, ("train", "valid"), model)
     check_sketch_modules(model, ps_cfg)
-    opt = (cfg.get("optimizer") or {}).get("params", {})
-    lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
-
-    device = torch.device("cpu")
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
+    device = rank_device()  # before NCCL starts
     init_distributed(timeout_s=ps_cfg.timeout_s)
     check_ranks_agree(ps_cfg, ps_cfg.timeout_s)
     rank = torch.distributed.get_rank()
@@ -125,8 +119,7 @@ def train(args, world: int) -> int:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mesh = data_parallel_mesh(args.hsdp, device.type)
     model = shard_model(model.to(device), mesh, mp_policy=mp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
-                                  betas=tuple(opt.get("betas", (0.9, 0.999))), eps=float(opt.get("eps", 1e-8)))
+    optimizer = adamw_from_config(model.parameters(), cfg, args)
     trainer = PartitionSelFSDP(model, optimizer, ps_cfg, pool, valid, batch_size=batch_size, micro_batch=micro,
                                pad_token_id=tokenizer.pad_token_id, mesh=mesh,
                                clip=float(cfg.get("gradient_clipping") or 0.0), output_dir=args.output_dir,

@@ -28,8 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, uninstalled
 
-from ds_partitionsel.cli import (UsageError, add_run_flags, check_run_dirs, count_arg, guarded,  # noqa: E402
-                                 max_token_id, read_config, run_main, summarize, train_steps, write_summary)
+from ds_partitionsel.cli import (UsageError, add_run_flags, check_run_dirs, adamw_from_config, count_arg, guarded,  # noqa: E402
+                                 max_token_id, rank_device, read_config, run_main, summarize, train_steps,
+                                 write_summary)
 from ds_partitionsel.config import ConfigError, split_deepspeed_config, train_batch_size  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "ds_configs", "megatron.json")
@@ -146,13 +147,7 @@ def train(args, world: int) -> int:
     shape = model_shape(args, vocab, seq_length)
     if args.resume:
         check_checkpoint_shape(args.resume, shape)
-    opt = (cfg.get("optimizer") or {}).get("params", {})
-    lr = args.lr if args.lr is not None else float(opt.get("lr", 1e-4))
-
-    device = torch.device("cpu")
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
+    device = rank_device()  # before NCCL starts
     init_distributed(timeout_s=ps_cfg.timeout_s)
     from ds_partitionsel.cli import check_ranks_agree
 
@@ -164,8 +159,7 @@ def train(args, world: int) -> int:
     model = build_gpt(vocab_size=vocab, tp=args.tp, num_layers=args.num_layers, hidden_size=args.hidden_size,
                       num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size, seq_length=seq_length,
                       seed=ps_cfg.seed, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
-                                  betas=tuple(opt.get("betas", (0.9, 0.999))), eps=float(opt.get("eps", 1e-8)))
+    optimizer = adamw_from_config(model.parameters(), cfg, args)
     selector = MegatronSelector(model, ps_cfg, pool, valid, batch_size=batch_size, pad_token_id=pad, layout=layout)
     sink = MetricsSink(args.output_dir, rank=rank, resume=bool(args.resume))
     rank_log = None
