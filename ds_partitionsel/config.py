@@ -275,6 +275,10 @@ class ValidationConfig(_Block):
     ema: float = Field(0.0, json_schema_extra=_expects(
         "a number in [0, 1): the target is an exponential moving average of the anchors' mean "
         "sketch across refreshes, t = ema * t_prev + (1 - ema) * fresh (0: no averaging)"))
+    shrink: bool = Field(False, json_schema_extra=_expects(
+        "true or false: shrink the anchors' mean toward the pool's mean sketch by how much of their "
+        "difference stands above the anchors' sampling noise (positive-part James-Stein; when the "
+        "validation set asks for nothing the pool lacks, the target becomes the pool's own mean)"))
     mix: Literal[ANCHOR_MIXES] = Field("pooled", json_schema_extra=_expects(
         '"pooled" (anchors drawn uniformly from the held-out split: the target follows its domain mix) '
         'or "per_domain" (an equal share of anchors from every held-out domain, each domain weighted '
@@ -341,6 +345,12 @@ class PartitionSelConfig(_Block):
                 "partitionsel_rule", f"partitionsel.steps_per_pool = {self.steps_per_pool} disjoint batches do "
                                 f"not fit in a pool of pool_factor = {self.pool_factor} batches; raise "
                                 f"pool_factor to at least {self.steps_per_pool} or lower steps_per_pool")
+        if self.validation.shrink and self.sketch.precondition != "none":
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.validation.shrink compares the anchors' mean with the pool's "
+                                "mean sketch, but sketch.precondition '{p}' puts the candidates in another "
+                                "space than the (raw) anchors: set validation.shrink to false or "
+                                "sketch.precondition to 'none'", {"p": self.sketch.precondition})
         return self
 
     @field_validator("eval_interval", "eval_samples")

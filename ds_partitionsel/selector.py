@@ -34,6 +34,7 @@ from ds_partitionsel.config import ConfigError, PartitionSelConfig
 from ds_partitionsel.data import check_pad_id, check_same_pool
 from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.metrics import conflicting_pairs
+from ds_partitionsel.shrink import pool_moments, shrink_target
 from ds_partitionsel.sampler import (PoolSampler, as_int, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
 from ds_partitionsel.windows import crop_windows
@@ -236,6 +237,7 @@ class Selector:
         # carried across steps, so in the checkpoint (state_dict): the EMA target of
         # validation.ema and the per-domain gains of the curriculum budgets
         self._ema = None
+        self.last_shrink: Optional[float] = None  # validation.shrink: the last step's lambda
         self._gains = [0.0] * len(pool.domain_names)
         self._alignment = None
         # the current group of steps_per_pool steps: its batches (state_dict carries them, so a
@@ -410,6 +412,11 @@ class Selector:
             t_sketch = time.perf_counter() - start
             t1 = time.perf_counter()
             target = self.validation_target(first_step)
+            if cfg.validation.shrink:
+                raw_target = target
+                mean, mean_sq = pool_moments(features, self.pool_size, self.comm(first_step))
+                target, self.last_shrink = shrink_target(target, mean, mean_sq, self.pool_size,
+                                                         self.anchor_weight(first_step))
             t_anchor = time.perf_counter() - t1
         n_dom = len(self.pool.domain_names)
         pool_counts = torch.bincount(self.pool.domains[plan.pool_ids], minlength=n_dom)
@@ -446,7 +453,8 @@ class Selector:
             out["counts"].append(sel.domain_counts.to(torch.int64))
             out["budgets"].append(torch.as_tensor(budgets, dtype=torch.int64))
         if cfg.budget.strategy == "curriculum" and cfg.method not in FEATURELESS:
-            self._update_gains(first_step, features, local_domains, target)
+            self._update_gains(first_step, features, local_domains,
+                               raw_target if cfg.validation.shrink else target)
         if dropped:
             logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", first_step, dropped)
         rows = None
@@ -597,6 +605,14 @@ class Selector:
         self._target = fresh
         self._target_key = key
         return self._target
+
+    def anchor_weight(self, step: int) -> float:
+        """``sum_a w_a^2`` of the target of ``step`` (its variance over one anchor's): ``1/A``
+        for ``A`` pooled anchors, times ``(1 - ema) / (1 + ema)`` under an EMA (its steady state)."""
+        v = self.cfg.validation
+        _, weights, divisor = self.anchor_draw(step // v.refresh_interval)
+        weight = sum((w / divisor) ** 2 for w in weights)
+        return weight * (1 - v.ema) / (1 + v.ema)
 
     def anchor_draw(self, key: int) -> Tuple[List[int], List[float], float]:
         """``(anchor ids, weights, divisor)`` of draw ``key``: the target is

@@ -91,6 +91,28 @@ def _run_cases(rank, world, cases):
                     "shortfall": sel.shortfall.numpy(), "dropped": sel.info["dropped"],
                     "bytes_sent": sel.bytes_sent, "mode": sel.info["mode"],
                     "rounds": sel.info["rounds"]})
+    out.append(_pool_moments_by_split(rank, world))
+    return out
+
+
+def _moments_problem():
+    """Rows with a wide dynamic range (float32), the pool of the ``validation.shrink`` sums."""
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(N, P, generator=gen) * torch.logspace(-6, 3, P)
+    feats[5, 2] = float("nan")
+    return feats
+
+
+def _pool_moments_by_split(rank, world):
+    """``shrink.pool_moments`` on this rank's rows of every split of ``world`` (after the cases)."""
+    from ds_partitionsel.collectives import Communicator
+    from ds_partitionsel.shrink import pool_moments
+
+    feats, out = _moments_problem(), {}
+    for split in SPLITS[world]:
+        lo = sum(split[:rank])
+        mean, mean_sq = pool_moments(feats[lo:lo + split[rank]], N, Communicator(None, 30, "moments"))
+        out[tuple(split)] = (mean.numpy(), mean_sq)
     return out
 
 
@@ -146,6 +168,28 @@ def test_bit_identical_to_single_process(runs, world):
                 assert got["bytes_sent"] == 0 and got["rounds"] == 0
             else:
                 assert got["bytes_sent"] > 0 and got["rounds"] >= 3
+
+
+@pytest.mark.parametrize("world", [1, 2, pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(4, marks=pytest.mark.slow)])
+def test_pool_moments_are_bit_identical_on_every_split(runs, world):
+    """The pool sums of ``validation.shrink`` are exact (fixed point): every world size and
+    split gives the single-process bits, and they agree with a plain float64 sum."""
+    import numpy as np
+
+    from ds_partitionsel.collectives import Communicator
+    from ds_partitionsel.shrink import pool_moments
+
+    feats = _moments_problem()
+    ref_mean, ref_sq = pool_moments(feats, N, Communicator(None, 30, "moments"))
+    plain = torch.nan_to_num(feats.double())
+    assert torch.allclose(ref_mean, plain.mean(0), rtol=1e-12, atol=1e-12)
+    assert ref_sq == pytest.approx(float((plain * plain).sum(1).mean()), rel=1e-12)
+    for rank in range(world):
+        got = runs(world)[rank][-1]
+        assert sorted(got) == sorted(tuple(s) for s in SPLITS[world])
+        for split, (mean, mean_sq) in got.items():
+            assert np.array_equal(mean, ref_mean.numpy()) and mean_sq == ref_sq, (world, rank, split)
 
 
 # MKL chooses its kernels (and so its rounding) by the CPU's instruction set; the selection may

@@ -327,3 +327,64 @@ def test_a_diverged_model_is_named_not_blamed_on_budgets():
         distributed.select("partitionsel", features, domains, torch.randn(8, dtype=torch.float64),
                            torch.tensor([2, 1, 1]), lr=1e-3, drop_nonfinite=True, step=7,
                            generator=torch.Generator().manual_seed(0), rule="sample")
+
+
+# ----------------------------------------------------------------------------- validation.shrink
+
+def _reference_shrink(anchors, weights, pool):
+    """Positive-part James-Stein in numpy: the anchors' weighted mean shrunk toward the pool's
+    mean by the share of their squared distance that its noise does not explain."""
+    import numpy as np
+
+    a = (np.asarray(weights)[:, None] * anchors).sum(0)
+    c = pool.mean(0)
+    n = len(pool)
+    sigma2 = ((pool - c) ** 2).sum(1).sum() / (n - 1)
+    noise = sigma2 * ((np.asarray(weights) ** 2).sum() + 1 / n)
+    dist2 = ((a - c) ** 2).sum()
+    lam = max(0.0, 1 - noise / dist2)
+    return c + lam * (a - c), lam
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, 3.0])
+def test_shrink_target_equals_a_numpy_reference(shift):
+    from ds_partitionsel.collectives import Communicator
+    from ds_partitionsel.shrink import pool_moments, shrink_target
+
+    gen = torch.Generator().manual_seed(11)
+    pool = torch.randn(200, 24, generator=gen, dtype=torch.float64) + 0.5
+    anchors = torch.randn(16, 24, generator=gen, dtype=torch.float64) + 0.5 + shift * torch.linspace(-1, 1, 24)
+    weights = [1 / 16] * 16
+    mean, mean_sq = pool_moments(pool, 200, Communicator())
+    got, lam = shrink_target((anchors * (1 / 16)).sum(0), mean, mean_sq, 200, sum(w * w for w in weights))
+    want, want_lam = _reference_shrink(anchors.numpy(), weights, pool.numpy())
+    assert lam == pytest.approx(want_lam, abs=1e-9)
+    assert torch.allclose(got, torch.from_numpy(want), atol=1e-9)
+    # the same distribution: mostly noise, little kept; a real shift: nearly all kept
+    assert {0.0: lam < 0.5, 0.3: 0.3 < lam < 1, 3.0: lam > 0.95}[shift], lam
+
+
+def test_selector_shrinks_toward_its_pool_and_selects_the_same_twice(tiny):
+    import numpy as np
+
+    model, pool, valid = tiny
+    a = _selector(tiny, {"validation": {"anchors": 4, "shrink": True}})
+    b = _selector(tiny, {"validation": {"anchors": 4, "shrink": True}})
+    plain = _selector(tiny, {})
+    for step in (0, 1):
+        first = a.select(step, 1e-3, with_features=False)
+        # independent: the pool's sketches and the anchors' target of the plain selector
+        feats = plain.sketch_records(pool, plain.plan(step).pool_ids.tolist()).double().numpy()
+        ids, weights, divisor = plain.anchor_draw(step)
+        anchors = plain.sketch_records(valid, ids).double().numpy()
+        _, lam = _reference_shrink(anchors, [w / divisor for w in weights], feats)
+        assert a.last_shrink == pytest.approx(lam, abs=1e-6) and 0 <= a.last_shrink <= 1
+        assert torch.equal(first.record_ids, b.select(step, 1e-3, with_features=False).record_ids)
+        assert np.isfinite(a.last_shrink)
+
+
+def test_shrink_refuses_preconditioned_candidates():
+    with pytest.raises(ConfigError, match="validation.shrink.*sketch.precondition 'adam'"):
+        PartitionSelConfig.from_dict({"validation": {"shrink": True}, "sketch": {"precondition": "adam"}})
+    with pytest.raises(ConfigError, match="validation.shrink must be true or false"):
+        PartitionSelConfig.from_dict({"validation": {"shrink": "yes"}})

@@ -67,6 +67,8 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "uniform_within_budgets": {"temperature": 1e6},  # the hot limit: the validation budgets, no gradient choice
     "adam_preconditioned": {"sketch": {"precondition": "adam"}},
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
+    "shrink_target": {"validation": {"shrink": True}},
+    "no_shrink": {"validation": {"shrink": False}},
     "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
     "anchors_per_domain": {"validation": {"mix": "per_domain"}},
@@ -345,6 +347,7 @@ def run_one(spec: dict) -> dict:
     pool_pairs = dict(totals)
     mix_counts = {n: 0 for n in names}
     sel_time = train_time = 0.0
+    shrinks = []
     for step in range(steps):
         lr = lr_at(step, steps, spec["lr"])
         for group in opt.param_groups:
@@ -370,6 +373,9 @@ def run_one(spec: dict) -> dict:
             mix_counts[n] += c
         rec = {"kind": "step", "step": step, "lr": lr, "loss": loss.item(), "select_s": round(t1 - t0, 4),
                "train_s": round(t2 - t1, 4), "domain_counts": sel.domain_counts}
+        if selector.last_shrink is not None:  # validation.shrink: the step's lambda
+            rec["shrink"] = selector.last_shrink
+            shrinks.append(selector.last_shrink)
         if sel.selected_features is not None:
             pairs = pair_counts(sel.selected_features, doms)
             for key in totals:
@@ -400,6 +406,8 @@ def run_one(spec: dict) -> dict:
                    pairs=totals, pool_pairs=pool_pairs if spec["method"] == "random" else None,
                    select_s=sel_time / steps, train_s=train_time / steps, steps=steps, batch=spec["batch"],
                    anchors=len(anchor_view), eval_records=len(eval_view))
+    if shrinks:
+        summary["shrink_mean"] = sum(shrinks) / len(shrinks)
     (out / "summary.json").write_text(json.dumps(summary))
     return summary
 
