@@ -69,6 +69,31 @@ def test_time_to_target_takes_the_first_eval_at_or_below_it():
     assert evidence.time_to_target(points, 99.0) == (10, 1.5)  # step 0 (no training) never counts
 
 
+def test_wall_over_random_is_the_paired_ratio_of_wall_to_randoms_final():
+    def run(points, mix=0.5):
+        return {"evals": [{"step": st, "wall_s": w, "loss": {"a": l, "b": l}} for st, w, l in points],
+                "train_mix": {"a": mix, "b": 1 - mix}, "selected_mix": {"a": mix, "b": 1 - mix},
+                "select_s": 0.01, "train_s": 0.05, "pairs": {"within": 0, "cross": 0}}
+    methods = {"random": {1: run([(0, 0.0, 9.0), (300, 10.0, 4.0)]), 2: run([(0, 0.0, 9.0), (300, 20.0, 5.0)])},
+               "partitionsel_cheap": {1: run([(0, 0.0, 9.0), (100, 6.0, 3.9), (300, 18.0, 3.0)]),
+                                      2: run([(0, 0.0, 9.0), (100, 4.0, 6.0), (300, 12.0, 4.9)])}}
+    rows = evidence.method_table(methods, "matched", "a", reference="partitionsel_cheap")
+    ratio = rows["partitionsel_cheap"]["wall_over_random"]
+    assert ratio["n"] == 2 and ratio["mean"] == pytest.approx((6.0 / 10.0 + 12.0 / 20.0) / 2)
+    assert rows["partitionsel_cheap"]["steps_to_target"]["mean"] == pytest.approx(200)
+
+
+def test_cheap_method_is_the_readmes_cheap_configuration_with_a_small_proxy():
+    from ds_partitionsel.config import PartitionSelConfig
+
+    spec = {"method": "partitionsel_cheap", "factor": 8, "seed": 3, "anchors": 16, "sketch": "kron", "seq": 32,
+            "lr": 3e-3, "cheap_hidden": 8}
+    cfg = PartitionSelConfig.from_dict(evidence.partitionsel_block(spec))
+    assert (cfg.method, cfg.steps_per_pool, cfg.sketch.mode, cfg.sketch.score_len) == ("partitionsel", 4, "head_kron", 8)
+    assert cfg.sketch.proxy_train and cfg.sketch.proxy_config.hidden_size == 8
+    assert cfg.budget.strategy == "validation" and cfg.rule == "sample"  # the rest is the package default
+
+
 def test_validation_settings_and_their_anchor_sets():
     train_mix = {"code": 0.05, "math": 0.15, "python": 0.8}
     assert evidence.setting_mix("matched", train_mix, sorted(train_mix), "code") == train_mix

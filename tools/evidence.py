@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 METHODS = ("random", "gradnorm", "greats", "greats_domain", "iwd", "gradmatch", "partitionsel",
-           "partitionsel_proxy")
+           "partitionsel_proxy", "partitionsel_cheap")
 VALIDATION_FREE = ("random", "gradnorm")  # they never read the anchors: one run serves both settings
 SETTINGS = ("matched", "target")
 ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the package's default)
@@ -115,6 +115,9 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=300)
     g.add_argument("--lr", type=float, default=3e-3, help="peak lr (10%% warmup, cosine to 10%%)")
     g.add_argument("--anchors", type=int, default=16, help="validation anchors per step")
+    g.add_argument("--cheap-hidden", type=int, default=8,
+                   help="partitionsel_cheap: width of its 1-block proxy (8: about 20x fewer FLOPs per token "
+                        "than the default main model)")
     g.add_argument("--eval-interval", type=int, default=10)
     g.add_argument("--eval-per-domain", type=int, default=64, help="held-out windows per domain per eval")
     g.add_argument("--sketch", choices=["exact", "kron"], default="kron",
@@ -279,6 +282,11 @@ def partitionsel_block(spec: dict) -> dict:
     if method == "partitionsel_proxy":
         block["sketch"].update(proxy_model=spec["proxy_dir"], proxy_layers=1, proxy_train=True,
                                proxy_lr=spec["lr"])
+    if method == "partitionsel_cheap":  # the README's recommended cheap configuration, sized to this model
+        block.update(method="partitionsel", steps_per_pool=4)
+        block["sketch"] = {"mode": "head_kron", "micro_batch": spec.get("sketch_micro", 32),
+                           "score_len": max(1, spec["seq"] // 4), "proxy_train": True, "proxy_lr": spec["lr"],
+                           "proxy_config": {"hidden_size": spec["cheap_hidden"], "layers": 1, "heads": 2}}
     for key, value in spec.get("overrides", {}).items():
         if isinstance(value, dict):
             block.setdefault(key, {}).update(value)
@@ -331,6 +339,11 @@ def run_one(spec: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=spec.get("weight_decay", 0.0))
     selector.set_optimizer(opt)  # sketch.precondition "adam" reads its second moments
+    main_over_proxy = None
+    if selector.proxy is not None:
+        from ds_partitionsel.proxy import flops_per_token
+
+        main_over_proxy = flops_per_token(model, spec["seq"]) / flops_per_token(selector.proxy.model, spec["seq"])
     steps = spec["steps"]
     metrics = open(out / "metrics.jsonl.tmp", "w")
     wall = 0.0
@@ -408,6 +421,8 @@ def run_one(spec: dict) -> dict:
                    anchors=len(anchor_view), eval_records=len(eval_view))
     if shrinks:
         summary["shrink_mean"] = sum(shrinks) / len(shrinks)
+    if main_over_proxy is not None:
+        summary["main_over_proxy"] = main_over_proxy
     (out / "summary.json").write_text(json.dumps(summary))
     return summary
 
@@ -519,6 +534,7 @@ def pretrain_specs(args, data: dict) -> list:
     base = {"kind": "pretrain", "device": args.device, "pool": data["pool"], "vocab": data["vocab"],
             "pad_id": data["pad_id"], "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
             "seq": args.seq, "batch": args.batch, "steps": args.steps, "lr": args.lr, "anchors": args.anchors,
+            "cheap_hidden": args.cheap_hidden,
             "eval_interval": args.eval_interval, "eval_per_domain": args.eval_per_domain, "sketch": args.sketch,
             "target_domain": args.target_domain[0], "measure_interval": args.measure_interval,
             "weight_decay": 0.1, "variant": "default"}
@@ -722,7 +738,7 @@ def method_table(methods: dict, setting: str, target_domain: str, reference: str
             common = sorted(set(seeds) & set(other))
             diffs = [finals[s] - final(other[s]) for s in common]
             row[name] = dict(ci95(diffs), lower=sum(d < 0 for d in diffs), seeds=len(common))
-        steps, walls, reached = [], [], 0
+        steps, walls, ratios, reached = [], [], [], 0
         for s, run in seeds.items():
             if s not in rnd:
                 continue
@@ -731,8 +747,12 @@ def method_table(methods: dict, setting: str, target_domain: str, reference: str
                 reached += 1
                 steps.append(step)
                 walls.append(wall)
+                ratios.append(wall / max(rnd[s]["evals"][-1]["wall_s"], 1e-9))
         row["steps_to_target"] = dict(ci95(steps), reached=reached, of=len(set(seeds) & set(rnd)))
         row["wall_to_target"] = ci95(walls)
+        # wall (selection + training) to random's final loss over random's own wall for its 300
+        # steps, paired by seed; comparable only when both ran under the same load (one invocation)
+        row["wall_over_random"] = ci95(ratios)
         domains = sorted(next(iter(seeds.values()))["evals"][-1]["loss"])
         row["domain_loss"] = {d: ci95([r["evals"][-1]["loss"][d] for r in seeds.values()])["mean"] for d in domains}
         row["selected_mix"] = {d: float(np.mean([r["selected_mix"][d] for r in seeds.values()])) for d in domains}
@@ -818,11 +838,18 @@ def table_markdown(title: str, rows: dict, order: list, reference: str) -> str:
         lines.append(
             f"| {method} | {_pm(r['score'])} | {_pm(r['vs_ref']) if method != reference else '–'} | "
             + ("– | " if method == reference else f"{r['vs_ref']['seeds'] - r['vs_ref']['lower']}/{r['vs_ref']['seeds']} | ")
-            + f"{_pm(r['vs_random']) if method != 'random' else '–'} | {reached} | {_pm(r['wall_to_target'], '.1f')} | "
+            + f"{_pm(r['vs_random']) if method != 'random' else '–'} | {reached} | {_wall(r)} | "
             + " | ".join(f"{r['domain_loss'][d]:.3f}" for d in domains)
             + " | " + "/".join(f"{100 * r['selected_mix'][d]:.0f}" for d in domains) + "% | "
             + f"{pairs} | {r['select_s']:.3f} | {r['train_s']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _wall(row: dict) -> str:
+    """Wall seconds to random's final loss, and that over random's whole wall (paired)."""
+    if not row["wall_to_target"].get("n"):
+        return _pm(row["wall_to_target"], ".1f")
+    return f"{_pm(row['wall_to_target'], '.1f')} ({_pm(row['wall_over_random'], '.2f')} of random's)"
 
 
 def pairs_markdown(rows: dict, order: list) -> str:
