@@ -15,6 +15,10 @@ own, as ``sketch.proxy_train`` does). Every ``--measure-every`` steps, on that s
    (U*(S_main) - U*(S_rand))`` (1: the main model's own choice, 0: no better than random, mean of
    16 random draws), ``overlap = |S_proxy ∩ S_main| / k`` (random: ``k / n``).
 
+Staleness (``--staleness 1 2 3``): the main model's own choice made with its weights of ``s`` steps
+earlier (what batch ``s`` of an amortized group, ``steps_per_pool > s``, trains on: it was scored
+``s`` steps before it is used), judged on the current model's terms; rows ``stale_s``.
+
 Between measurements the models train on uniformly drawn batches (the data the proxies see does
 not depend on their own choices, so the sizes are compared on equal terms). Sketches: Kronecker
 (``kron_dims`` 16) of every linear of the last ``min(3, blocks)`` blocks of each model. Prints a
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pool-factor", type=int, default=8)
     ap.add_argument("--anchors", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of the main model and of every proxy")
+    ap.add_argument("--staleness", type=int, nargs="*", default=[1, 2, 3],
+                    help="also judge the main model's choice made s steps earlier (amortized pools)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "runs/bench_proxy_sizes.json"))
@@ -95,6 +101,10 @@ def main(argv=None) -> int:
         return GradientSketcher(model, modules=min(3, n_blocks), mode="kron", kron_dims=16, seed=args.seed)
 
     scorers = {"main": sketcher(main_model), **{n: sketcher(p.model) for n, p in proxies.items()}}
+    stale_model = llama(len(tok), hidden, layers, heads, seed=args.seed) if args.staleness else None
+    stale_sketcher = sketcher(stale_model) if stale_model is not None else None
+    keep = max(args.staleness, default=0)
+    history = []  # the main model's weights of the last `keep` steps, newest last
 
     def loss_fn(batch, module):
         return per_sequence_loss(module, batch, torch.device("cpu"))
@@ -122,6 +132,14 @@ def main(argv=None) -> int:
                 picks[name] = select("partitionsel", feats, domains, target, budgets, lr=args.lr).indices
                 if name == "main":
                     main_terms = (feats, target)
+            for lag in args.staleness:
+                if lag <= len(history):
+                    stale_model.load_state_dict(history[-lag])
+                    feats = sketch_pool(stale_sketcher, pool, pool_ids, pad, 32)
+                    target = sketch_pool(stale_sketcher, valid, anchor_ids.tolist(), pad, 32).mean(0)
+                    feats = torch.nn.functional.normalize(feats.double(), dim=1)
+                    target = torch.nn.functional.normalize(target.double(), dim=0)
+                    picks[f"stale_{lag}"] = select("partitionsel", feats, domains, target, budgets, lr=args.lr).indices
 
             def u_star(indices):
                 return best_utility(main_terms[0], main_terms[1], indices, args.lr)
@@ -133,7 +151,9 @@ def main(argv=None) -> int:
             main_set = set(picks["main"].tolist())
             record = {"step": step, "u_main": u_main, "u_random": u_rand, "random_utility_ratio": u_rand / u_main,
                       "proxies": {}}
-            for name in proxies:
+            for name in [*proxies, *(f"stale_{lag}" for lag in args.staleness)]:
+                if name not in picks:
+                    continue
                 u = u_star(picks[name])
                 record["proxies"][name] = {"utility_ratio": u / u_main,
                                            "gain_ratio": (u - u_rand) / (u_main - u_rand),
@@ -141,6 +161,8 @@ def main(argv=None) -> int:
             steps.append(record)
         if step == args.steps:
             break
+        if keep:
+            history = (history + [{key: v.detach().clone() for key, v in main_model.state_dict().items()}])[-keep:]
         ids = torch.randint(0, len(pool), (k,), generator=draw).tolist()
         batch = pool.collate(ids, pad)
         main_model.train()
@@ -153,22 +175,26 @@ def main(argv=None) -> int:
 
     rows = []
     late = [s for s in steps if s["step"] >= args.steps / 2]
-    for name in proxies:
-        row = {"proxy": name, "main_over_proxy": round(ratios[name], 1)}
+    for name in [*proxies, *(f"stale_{lag}" for lag in args.staleness)]:
+        seen = [s for s in steps if name in s["proxies"]]
+        seen_late = [s for s in late if name in s["proxies"]]
+        if not seen:
+            continue
+        row = {"proxy": name, "main_over_proxy": round(ratios[name], 1) if name in ratios else 1.0}
         for key in ("utility_ratio", "gain_ratio", "overlap"):
-            row[key] = statistics.fmean(s["proxies"][name][key] for s in steps)
-            row[key + "_late"] = statistics.fmean(s["proxies"][name][key] for s in late)
+            row[key] = statistics.fmean(s["proxies"][name][key] for s in seen)
+            row[key + "_late"] = statistics.fmean(s["proxies"][name][key] for s in seen_late) if seen_late else None
         rows.append(row)
     random_ratio = statistics.fmean(s["random_utility_ratio"] for s in steps)
     print(f"\nProxy sizes: main width {hidden} x {layers} blocks, {args.steps} steps, measured every "
           f"{args.measure_every} ({len(steps)} pools of {n} -> k={k}); {time.time() - start:.0f} s")
-    fmt = "{:<6} {:>14} {:>14} {:>11} {:>9} {:>16} {:>14}"
+    fmt = "{:<8} {:>14} {:>14} {:>11} {:>9} {:>16} {:>14}"
     print(fmt.format("proxy", "main/proxy", "utility ratio", "gain ratio", "overlap", "gain (2nd half)",
                      "overlap (2nd)"))
     for r in rows:
+        late_cells = [f"{r[key]:.3f}" if r[key] is not None else "-" for key in ("gain_ratio_late", "overlap_late")]
         print(fmt.format(r["proxy"], f"{r['main_over_proxy']:.1f}x", f"{r['utility_ratio']:.3f}",
-                         f"{r['gain_ratio']:.3f}", f"{r['overlap']:.3f}", f"{r['gain_ratio_late']:.3f}",
-                         f"{r['overlap_late']:.3f}"))
+                         f"{r['gain_ratio']:.3f}", f"{r['overlap']:.3f}", *late_cells))
     print(f"random choice: utility ratio {random_ratio:.3f}, gain ratio 0, overlap {k / n:.3f} in expectation")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +207,13 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name in proxies:
-            ax.plot([s["step"] for s in steps], [s["proxies"][name]["gain_ratio"] for s in steps], marker="o",
-                    label=f"{name} ({ratios[name]:.0f}x fewer FLOPs)")
+        for name in [*proxies, *(f"stale_{lag}" for lag in args.staleness)]:
+            pts = [(s["step"], s["proxies"][name]["gain_ratio"]) for s in steps if name in s["proxies"]]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if name in proxies else ":",
+                    label=f"{name} ({ratios[name]:.0f}x fewer FLOPs)" if name in ratios
+                    else f"main, {name.split('_')[1]} steps old")
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.axhline(1, color="black", lw=0.8, ls=":")
         ax.set_xlabel("training step")
