@@ -118,6 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--cheap-hidden", type=int, default=8,
                    help="partitionsel_cheap: width of its 1-block proxy (8: about 20x fewer FLOPs per token "
                         "than the default main model)")
+    g.add_argument("--cheap-steps-per-pool", type=int, default=4,
+                   help="partitionsel_cheap: batches selected per scoring pass (the m of steps_per_pool)")
     g.add_argument("--eval-interval", type=int, default=10)
     g.add_argument("--eval-per-domain", type=int, default=64, help="held-out windows per domain per eval")
     g.add_argument("--sketch", choices=["exact", "kron"], default="kron",
@@ -283,7 +285,7 @@ def partitionsel_block(spec: dict) -> dict:
         block["sketch"].update(proxy_model=spec["proxy_dir"], proxy_layers=1, proxy_train=True,
                                proxy_lr=spec["lr"])
     if method == "partitionsel_cheap":  # the README's recommended cheap configuration, sized to this model
-        block.update(method="partitionsel", steps_per_pool=4)
+        block.update(method="partitionsel", steps_per_pool=spec.get("cheap_steps_per_pool", 4))
         block["sketch"] = {"mode": "head_kron", "micro_batch": spec.get("sketch_micro", 32),
                            "score_len": max(1, spec["seq"] // 4), "proxy_train": True, "proxy_lr": spec["lr"],
                            "proxy_config": {"hidden_size": spec["cheap_hidden"], "layers": 1, "heads": 2}}
@@ -534,7 +536,7 @@ def pretrain_specs(args, data: dict) -> list:
     base = {"kind": "pretrain", "device": args.device, "pool": data["pool"], "vocab": data["vocab"],
             "pad_id": data["pad_id"], "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
             "seq": args.seq, "batch": args.batch, "steps": args.steps, "lr": args.lr, "anchors": args.anchors,
-            "cheap_hidden": args.cheap_hidden,
+            "cheap_hidden": args.cheap_hidden, "cheap_steps_per_pool": args.cheap_steps_per_pool,
             "eval_interval": args.eval_interval, "eval_per_domain": args.eval_per_domain, "sketch": args.sketch,
             "target_domain": args.target_domain[0], "measure_interval": args.measure_interval,
             "weight_decay": 0.1, "variant": "default"}
