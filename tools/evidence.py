@@ -67,6 +67,7 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "uniform_within_budgets": {"temperature": 1e6},  # the hot limit: the validation budgets, no gradient choice
     "adam_preconditioned": {"sketch": {"precondition": "adam"}},
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
+    "stochastic_rounding": {"budget": {"rounding": "stochastic"}},
     "shrink_target": {"validation": {"shrink": True}},
     "no_shrink": {"validation": {"shrink": False}},
     "ema_target": {"validation": {"ema": 0.9}},
