@@ -24,6 +24,11 @@ loop; the same selection code the DeepSpeed engine and the HF Trainer call):
       score is the held-out loss under that 80/20 mix.
 
     ``random`` and ``gradnorm`` never look at the anchors: one run serves both settings.
+    ``partitionsel_proxy``: scored by the main model's first block, trained alongside.
+    ``partitionsel_cheap``: the README's cheap configuration (a 1-block proxy of width
+    ``--cheap-hidden`` trained alongside, ``head_kron`` features, ``--cheap-steps-per-pool``
+    batches per scoring pass, windows of a quarter of the sequence); the tables give its wall
+    clock to ``random``'s final loss over ``random``'s own (run both in one invocation).
 ``ablation``  PartitionSel's fidelity knobs against its default (matched, the first of
     ``--factors``): the ``rrg``
     rule of the official code, anchors per domain vs pooled, OMP weights in the loss, uniform
