@@ -9,6 +9,7 @@ refused in one line that names the command building it.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,49 @@ def ensure_demo_pool(path=None, max_length: int = 256) -> Path:
     _run([sys.executable, "tools/build_pool.py", "--tokenizer", MODEL, "--train", DEMO_DATA / "train.jsonl",
           "--valid", DEMO_DATA / "valid.jsonl", "--max-length", str(max_length), "--out", default])
     return default
+
+
+# ---------------------------------------------------------------- the proxy benchmarks' data and models
+
+# proxy shapes (hidden, blocks, heads) of tools/bench_overhead.py and bench_proxy_sizes.py: about 4x, 16x and
+# 64x fewer forward FLOPs per token than their main model (width 256, 6 blocks, vocabulary 2048)
+PROXY_SHAPES = {"4x": (128, 5, 4), "16x": (64, 3, 4), "64x": (32, 1, 2)}
+
+
+def build_packed_pool(work: Path, seq: int, vocab: int) -> tuple:
+    """(pool dir, tokenizer dir): the demo data as raw text, a BPE tokenizer, a packed pool."""
+    from ds_partitionsel.corpus import train_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    cache = REPO / ".cache"
+    corpus, tok, pool = work / "corpus.jsonl", work / f"tokenizer{vocab}", work / f"pool_pack{seq}_v{vocab}"
+    if not (pool / "manifest.json").exists():
+        subprocess.run([sys.executable, str(REPO / "tools/fetch_demo_data.py"), "--data-only", "--cache", str(cache)],
+                       check=True)
+        with open(corpus, "w", encoding="utf-8") as out:
+            for split in ("train", "valid"):
+                for line in open(cache / "demo_data" / f"{split}.jsonl", encoding="utf-8"):
+                    rec = json.loads(line)
+                    out.write(json.dumps({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]})
+                              + "\n")
+        if not (tok / "tokenizer.json").exists():
+            print(f"training a BPE tokenizer of {vocab} tokens", file=sys.stderr, flush=True)
+            train_tokenizer(str(corpus), str(tok), vocab)
+        print("building the packed pool", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(REPO / "tools/build_pool.py"), "--tokenizer", str(tok), "--train",
+                        str(corpus), "--text-field", "text", "--pack", str(seq), "--valid-fraction", "0.05",
+                        "--quiet", "--out", str(pool)], check=True)
+    return pool, tok
+
+
+def llama_from_config(vocab: int, hidden: int, layers: int, heads: int, seed: int = 0):
+    """A Llama of the given shape from random weights drawn with ``seed`` (MLP 2.6875x the width,
+    untied head): the main model of the proxy benchmarks."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(round(hidden * 2.6875)),
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                   vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# proxies (hidden, layers, heads) of the main model's family, sized for the default main model
-# (hidden 256, 6 blocks, vocabulary 2048, 128 tokens) to about 4x, 16x and 64x fewer FLOPs/token
-PROXIES = {"4x": (128, 5, 4), "16x": (64, 3, 4), "64x": (32, 1, 2)}
+# the data, the main model and the proxies' shapes (hidden, layers, heads: about 4x, 16x and 64x
+# fewer FLOPs per token than the default main model) are shared with tools/bench_proxy_sizes.py
+from ds_partitionsel.bench_inputs import PROXY_SHAPES, build_packed_pool, llama_from_config  # noqa: E402
+
 FEATURES = {"blocks_kron": {"mode": "kron", "modules": 3},
             "last_block_kron": {"mode": "kron", "modules": 1},
             "head_kron": {"mode": "head_kron"}}
@@ -51,43 +51,6 @@ FEATURES = {"blocks_kron": {"mode": "kron", "modules": 3},
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def build_data(work: Path, seq: int, vocab: int) -> tuple:
-    """(pool dir, tokenizer dir): the demo data as raw text, a BPE tokenizer, a packed pool."""
-    from ds_partitionsel.corpus import train_tokenizer
-
-    work.mkdir(parents=True, exist_ok=True)
-    cache = REPO / ".cache"
-    corpus, tok, pool = work / "corpus.jsonl", work / f"tokenizer{vocab}", work / f"pool_pack{seq}_v{vocab}"
-    if not (pool / "manifest.json").exists():
-        subprocess.run([sys.executable, str(REPO / "tools/fetch_demo_data.py"), "--data-only", "--cache", str(cache)],
-                       check=True)
-        with open(corpus, "w", encoding="utf-8") as out:
-            for split in ("train", "valid"):
-                for line in open(cache / "demo_data" / f"{split}.jsonl", encoding="utf-8"):
-                    rec = json.loads(line)
-                    out.write(json.dumps({"text": rec["prompt"] + "\n" + rec["response"], "domain": rec["domain"]})
-                              + "\n")
-        if not (tok / "tokenizer.json").exists():
-            log(f"training a BPE tokenizer of {vocab} tokens")
-            train_tokenizer(str(corpus), str(tok), vocab)
-        log("building the packed pool")
-        subprocess.run([sys.executable, str(REPO / "tools/build_pool.py"), "--tokenizer", str(tok), "--train",
-                        str(corpus), "--text-field", "text", "--pack", str(seq), "--valid-fraction", "0.05",
-                        "--quiet", "--out", str(pool)], check=True)
-    return pool, tok
-
-
-def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int = 0):
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(round(hidden * 2.6875)),
-                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                   vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def model_costs(model, seq: int) -> dict:
@@ -170,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128, help="tokens per packed window")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--main", type=int, nargs=3, default=[256, 6, 4], metavar=("HIDDEN", "LAYERS", "HEADS"))
-    ap.add_argument("--proxies", nargs="*", default=list(PROXIES), choices=list(PROXIES))
+    ap.add_argument("--proxies", nargs="*", default=list(PROXY_SHAPES), choices=list(PROXY_SHAPES))
     ap.add_argument("--features", nargs="*", default=list(FEATURES), choices=list(FEATURES))
     ap.add_argument("--steps-per-pool", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--score-len", type=int, default=32, help="the short window (0: whole windows only)")
@@ -200,21 +163,21 @@ def main(argv=None) -> int:
     if args.pool:
         pool_dir, tok_dir = Path(args.pool), Path(args.tokenizer)
     else:
-        pool_dir, tok_dir = build_data(Path(args.work), args.seq, args.vocab)
+        pool_dir, tok_dir = build_packed_pool(Path(args.work), args.seq, args.vocab)
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     pool = CandidatePool(pool_dir, "train", tokenizer=tok)
     valid = CandidatePool(pool_dir, "valid")
     pad = tok.pad_token_id
     vocab = len(tok)
     hidden, layers, heads = args.main
-    main_model = llama(vocab, hidden, layers, heads, seed=args.seed)
+    main_model = llama_from_config(vocab, hidden, layers, heads, seed=args.seed)
     optimizer = torch.optim.AdamW(main_model.parameters(), lr=1e-4)
     seq = int(pool.lengths.max())
     main_flops = flops_per_token(main_model, seq)
     models = {"main": {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab,
                        "params": sum(p.numel() for p in main_model.parameters()), **model_costs(main_model, seq)}}
     for name in args.proxies:
-        h, n_layers, n_heads = PROXIES[name]
+        h, n_layers, n_heads = PROXY_SHAPES[name]
         proxy = proxy_from_config(main_model, hidden_size=h, layers=n_layers, heads=n_heads)
         models[name] = {"hidden": h, "layers": n_layers, "heads": n_heads, **model_costs(proxy, seq),
                         "params": sum(p.numel() for p in proxy.parameters())}
@@ -254,7 +217,7 @@ def main(argv=None) -> int:
             time_training()  # the training step again, halfway
         sketch = dict(FEATURES[feat], kron_dims=32, micro_batch=args.batch, score_len=width)
         if scorer != "1x":
-            h, n_layers, n_heads = PROXIES[scorer]
+            h, n_layers, n_heads = PROXY_SHAPES[scorer]
             sketch.update(proxy_config={"hidden_size": h, "layers": n_layers, "heads": n_heads}, proxy_train=True,
                           proxy_lr=1e-3)
         cfg = PartitionSelConfig.from_dict({"pool_factor": args.pool_factor, "steps_per_pool": m,

@@ -38,10 +38,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
-from bench_overhead import PROXIES, build_data, llama  # noqa: E402  (the same data and shapes)
-from bench_proxy import best_utility, sketch_pool  # noqa: E402  (the same judgement)
+# the same data, main model and proxy shapes as tools/bench_overhead.py, the same judgement as
+# tools/bench_proxy.py
+from ds_partitionsel.bench_inputs import PROXY_SHAPES, build_packed_pool, llama_from_config  # noqa: E402
+from ds_partitionsel.proxy_quality import best_utility, sketch_pool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--main", type=int, nargs=3, default=[256, 6, 4], metavar=("HIDDEN", "LAYERS", "HEADS"))
-    ap.add_argument("--proxies", nargs="*", default=list(PROXIES), choices=list(PROXIES))
+    ap.add_argument("--proxies", nargs="*", default=list(PROXY_SHAPES), choices=list(PROXY_SHAPES))
     ap.add_argument("--steps", type=int, default=120, help="training steps")
     ap.add_argument("--measure-every", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
@@ -81,17 +82,17 @@ def main(argv=None) -> int:
     from ds_partitionsel.sketch import GradientSketcher
 
     torch.set_num_threads(args.threads)
-    pool_dir, tok_dir = build_data(Path(args.work), args.seq, args.vocab)
+    pool_dir, tok_dir = build_packed_pool(Path(args.work), args.seq, args.vocab)
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     pool, valid = CandidatePool(pool_dir, "train", tokenizer=tok), CandidatePool(pool_dir, "valid")
     pad, seq = tok.pad_token_id, int(pool.lengths.max())
     hidden, layers, heads = args.main
-    main_model = llama(len(tok), hidden, layers, heads, seed=args.seed)
+    main_model = llama_from_config(len(tok), hidden, layers, heads, seed=args.seed)
     main_opt = torch.optim.AdamW(main_model.parameters(), lr=args.lr, weight_decay=0.0)
     main_flops = flops_per_token(main_model, seq)
     proxies, ratios = {}, {}
     for name in args.proxies:
-        h, n_layers, n_heads = PROXIES[name]
+        h, n_layers, n_heads = PROXY_SHAPES[name]
         model = proxy_from_config(main_model, hidden_size=h, layers=n_layers, heads=n_heads, seed=args.seed)
         proxies[name] = ProxyModel(model, train=True, lr=args.lr)
         ratios[name] = main_flops / flops_per_token(model, seq)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         return GradientSketcher(model, modules=min(3, n_blocks), mode="kron", kron_dims=16, seed=args.seed)
 
     scorers = {"main": sketcher(main_model), **{n: sketcher(p.model) for n, p in proxies.items()}}
-    stale_model = llama(len(tok), hidden, layers, heads, seed=args.seed) if args.staleness else None
+    stale_model = llama_from_config(len(tok), hidden, layers, heads, seed=args.seed) if args.staleness else None
     stale_sketcher = sketcher(stale_model) if stale_model is not None else None
     keep = max(args.staleness, default=0)
     history = []  # the main model's weights of the last `keep` steps, newest last
