@@ -411,9 +411,8 @@ class Selector:
                                            preconditioner=self.candidate_preconditioner(first_step))
             t_sketch = time.perf_counter() - start
             t1 = time.perf_counter()
-            target = self.validation_target(first_step)
+            target = anchors_target = self.validation_target(first_step)
             if cfg.validation.shrink:
-                raw_target = target
                 mean, mean_sq = pool_moments(features, self.pool_size, self.comm(first_step))
                 target, self.last_shrink = shrink_target(target, mean, mean_sq, self.pool_size,
                                                          self.anchor_weight(first_step))
@@ -453,8 +452,7 @@ class Selector:
             out["counts"].append(sel.domain_counts.to(torch.int64))
             out["budgets"].append(torch.as_tensor(budgets, dtype=torch.int64))
         if cfg.budget.strategy == "curriculum" and cfg.method not in FEATURELESS:
-            self._update_gains(first_step, features, local_domains,
-                               raw_target if cfg.validation.shrink else target)
+            self._update_gains(first_step, features, local_domains, anchors_target)
         if dropped:
             logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", first_step, dropped)
         rows = None

@@ -124,23 +124,22 @@ def main(argv=None) -> int:
             domains = pool.domains[torch.tensor(pool_ids)]
             budgets = allocate_budgets(torch.bincount(domains, minlength=len(names)), k, "validation",
                                        target_counts=target_counts, floor=0.25)
-            picks, main_terms = {}, None
-            for name, sk in scorers.items():
+
+            def choose(sk):
+                """(features, target, picks) of one scorer on this step's pool and anchors."""
                 feats = sketch_pool(sk, pool, pool_ids, pad, 32)
                 target = sketch_pool(sk, valid, anchor_ids.tolist(), pad, 32).mean(0)
                 feats = torch.nn.functional.normalize(feats.double(), dim=1)
                 target = torch.nn.functional.normalize(target.double(), dim=0)
-                picks[name] = select("partitionsel", feats, domains, target, budgets, lr=args.lr).indices
-                if name == "main":
-                    main_terms = (feats, target)
+                return feats, target, select("partitionsel", feats, domains, target, budgets, lr=args.lr).indices
+
+            chosen = {name: choose(sk) for name, sk in scorers.items()}
+            main_terms = chosen["main"][:2]
+            picks = {name: c[2] for name, c in chosen.items()}
             for lag in args.staleness:
                 if lag <= len(history):
                     stale_model.load_state_dict(history[-lag])
-                    feats = sketch_pool(stale_sketcher, pool, pool_ids, pad, 32)
-                    target = sketch_pool(stale_sketcher, valid, anchor_ids.tolist(), pad, 32).mean(0)
-                    feats = torch.nn.functional.normalize(feats.double(), dim=1)
-                    target = torch.nn.functional.normalize(target.double(), dim=0)
-                    picks[f"stale_{lag}"] = select("partitionsel", feats, domains, target, budgets, lr=args.lr).indices
+                    picks[f"stale_{lag}"] = choose(stale_sketcher)[2]
 
             def u_star(indices):
                 return best_utility(main_terms[0], main_terms[1], indices, args.lr)

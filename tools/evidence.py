@@ -74,7 +74,6 @@ ABLATIONS = {  # name -> overrides of the partitionsel block (the rest: the pack
     "curriculum_budgets": {"budget": {"strategy": "curriculum"}},
     "stochastic_rounding": {"budget": {"rounding": "stochastic"}},
     "shrink_target": {"validation": {"shrink": True}},
-    "no_shrink": {"validation": {"shrink": False}},
     "ema_target": {"validation": {"ema": 0.9}},
     "rrg": {"rule": "rrg"},
     "anchors_per_domain": {"validation": {"mix": "per_domain"}},
