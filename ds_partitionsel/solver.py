@@ -93,13 +93,15 @@ def _check_symmetric(quadratic: torch.Tensor, rows: int = 64) -> None:
     (a full check costs more than the whole solve for small k; the solver reads rows only).
     Tolerance: ``|Q_ij - Q_ji| <= 1.1e-5 max |Q_i.|`` over the sampled rows."""
     n = quadratic.shape[0]
-    # spacing >= 1 between the sample points, so the rounded indices are distinct
-    idx = np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)
+    r = min(rows, n)
+    # evenly spaced, distinct (spacing >= 1), first and last row included
+    idx = np.arange(r, dtype=np.int64) * (n - 1) // max(r - 1, 1)
     if _host_views(quadratic):  # numpy: a fraction of the tensor indexing overhead
         q = quadratic.detach().numpy()
         a = q[idx]
-        worst = float(np.abs(a - np.take(q, idx, axis=1).T).max())
-        scale = float(np.abs(a).max())
+        diff = a - np.take(q, idx, axis=1).T  # take: a fraction of q[:, idx]'s time
+        worst = max(float(diff.max()), -float(diff.min()))
+        scale = max(float(a.max()), -float(a.min()))
     else:
         sel = torch.from_numpy(idx).to(quadratic.device)
         a = quadratic.index_select(0, sel)
@@ -123,12 +125,15 @@ def check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
     if budgets.is_floating_point():
         raise ValueError(f"budgets must be integers, got dtype {budgets.dtype}")
     n_dom = budgets.numel()
-    if n and (int(domains.min()) < 0 or int(domains.max()) >= n_dom):
-        raise ValueError(f"domain ids must lie in [0, {n_dom}) to match the {n_dom} budgets, "
-                         f"got range [{int(domains.min())}, {int(domains.max())}]")
-    if bool((budgets < 0).any()):
-        raise ValueError(f"budgets must be non-negative, got {budgets.tolist()}")
-    k = int(budgets.sum())
+    if n:
+        low, high = (int(x) for x in torch.aminmax(domains))
+        if low < 0 or high >= n_dom:
+            raise ValueError(f"domain ids must lie in [0, {n_dom}) to match the {n_dom} budgets, "
+                             f"got range [{low}, {high}]")
+    listed = budgets.tolist()
+    if min(listed) < 0:
+        raise ValueError(f"budgets must be non-negative, got {listed}")
+    k = sum(listed)
     if k == 0:
         raise ValueError("budgets sum to k=0: nothing to select; give at least one domain a "
                          "positive budget")
@@ -136,11 +141,14 @@ def check_domains_budgets(domains: torch.Tensor, budgets: torch.Tensor, n: int):
 
 
 def check_budget_fit(budgets: torch.Tensor, counts: torch.Tensor, allow_shortfall: bool):
-    k, n = int(budgets.sum()), int(counts.sum())
+    listed, have = budgets.tolist(), counts.tolist()
+    k, n = sum(listed), sum(have)
     if k > n:
         raise ValueError(f"budgets sum to k={k}, more than the n={n} candidates in the pool")
-    over = (budgets > counts).nonzero().flatten().tolist()
-    if over and not allow_shortfall:
+    over = [j for j, (b, c) in enumerate(zip(listed, have)) if b > c]
+    if not over:  # every budget fits: nothing to hand on
+        return budgets.clone(), torch.zeros(budgets.numel(), dtype=torch.int64)
+    if not allow_shortfall:
         detail = ", ".join(f"domain {j}: budget {int(budgets[j])} > {int(counts[j])} candidates"
                            for j in over)
         raise ValueError(f"budgets exceed domain sizes ({detail}); lower them, or pass "
@@ -315,8 +323,9 @@ class CandidateRows:
         """``Q[rows, index]`` (n,) for the pick described by ``payload``."""
         raise NotImplementedError
 
-    def pick_terms(self, payload: torch.Tensor, selected: list):
-        """``(a_j, Q[S, j] (m,), Q_jj, domain_j)`` for the pick, from replicated data only."""
+    def pick_terms(self, payload: torch.Tensor, selected: np.ndarray):
+        """``(a_j, Q[S, j] (m,), Q_jj, domain_j)`` for the pick, from replicated data only;
+        ``selected`` (m,) int64 holds the global indices of ``S``."""
         raise NotImplementedError
 
     def diagonal(self) -> torch.Tensor:
@@ -359,6 +368,16 @@ class GramRows(CandidateRows):
         row = self.quadratic[j]
         return (float(self.linear[j]), row[torch.from_numpy(sel).to(row.device)].double().cpu().numpy(),
                 float(row[j]), int(self.domains[j]))
+
+    def host_terms(self, local: int, picked: np.ndarray):
+        """:meth:`pick_terms` and :meth:`column` of local row ``local`` on the CPU, read from
+        the numpy views without a payload: ``(a_j, Q[S, j], Q_jj, domain_j, Q[rows, j])`` with
+        ``picked`` the global indices of ``S``."""
+        linear, quadratic, domains = self._host
+        row = quadratic[local]
+        q_sel = row.take(picked - self.offset if self.offset else picked)
+        return (float(linear[local]), q_sel.astype(np.float64, copy=False), float(row[local]),
+                int(domains[local]), row)
 
     def diagonal(self):
         return torch.diagonal(self.quadratic)
@@ -512,16 +531,18 @@ class ResidualProduct:
 
     - each held entry is scaled by powers of two to ``C_ij = Q_ij / (s_i s_j)`` with
       ``s_i = 2^ceil(log2 sqrt(Q_ii))`` (so ``|C_ij| <= 1`` for a positive semi-definite ``Q``)
-      and rounded to the fixed-point grid ``2^-bc``: an integer of at most ``bc + 1`` bits times
-      ``2^-bc``; rows whose entries exceed 2 (``Q`` not PSD there) get a larger ``s_i``;
-    - ``v_j = s_j w_j / 2^e`` (``|v| < 1``) is split, per call, into two pieces on the grids
-      ``2^-bv`` and ``2^-2bv``, with ``(bc + 1) + bv + ceil(log2 k) <= 53`` (:func:`_split_bits`).
+      and held as the integer ``round(C_ij 2^bc)`` of at most ``bc + 1`` bits; rows whose
+      entries exceed 2 (``Q`` not PSD there) get a larger ``s_i``;
+    - ``v_j = s_j w_j`` is rounded, per call, to the integer ``V_j = round(v_j 2^(2 bv - e))``
+      (``2^e > max |v|``, so ``|V| <= 2^(2 bv)``), handed to BLAS as its two halves
+      ``V 2^-bv = I + F`` (``I`` an integer, ``F`` on the grid ``2^-bv``, both of at most ``bv``
+      bits), with ``(bc + 1) + bv + ceil(log2 k) <= 53`` (:func:`_split_bits`).
 
-    Every product of a ``C`` entry and a ``v`` piece is then an integer below ``2^53 / k`` times
-    a unit common to the whole sum, and so is every partial sum over ``S``: float64 holds all
-    of them exactly, so the ``(2, |S|) x (|S|, n)`` product does not depend on the order of
-    summation, FMA, blocking or the other rows in the call. The two piece products are added
-    elementwise (the one rounding) and scaled back by powers of two, row by row.
+    Every product of a held integer and a half is then a multiple of a unit common to the
+    whole sum and below ``2^53 / k`` of it, and so is every partial sum over ``S``: float64
+    holds all of them exactly, so the ``(2, |S|) x (|S|, n)`` product does not depend on the
+    order of summation, FMA, blocking or the other rows in the call. The two halves' products
+    are added elementwise (the one rounding) and scaled back by powers of two, row by row.
 
     Accuracy: ``|error_i| <= about 2^-bc s_i sum_j s_j |w_j|`` (``bc`` = 28 for k = 512, 26 for
     k = 4096), i.e. relative 1e-8 of the bound ``sum_j |Q_ij w_j|`` can reach; the residual
@@ -535,36 +556,45 @@ class ResidualProduct:
     def __init__(self, diag: torch.Tensor, k: int):
         self.n, self.k = diag.numel(), int(k)
         self.bc, self.bv = _split_bits(self.k)
-        self.row_scale = _pow2_scale(diag)  # (n,) s_i
-        self.row_unit = torch.reciprocal(self.row_scale) * 2.0 ** self.bc  # 2^bc / s_i, exact
-        self.held = torch.zeros(self.k, self.n, dtype=torch.float64, device=diag.device)
         self.col_scale = np.zeros(self.k)  # s_j of the picks, replicated
-        self._pieces = np.zeros((2, self.k))  # the two pieces of v, as integers
+        self._pieces = np.zeros((2, self.k))  # the halves I and F of V 2^-bv
         self.t = 0
-        # On the CPU the product runs through numpy views of the same memory: the sums are
-        # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
-        self._host = ((self.held.numpy(), self.row_scale.numpy(), self.row_unit.numpy())
-                      if _host_views(diag) else None)
+        scale = _pow2_scale(diag)  # (n,) s_i, powers of two: the products below are exact
+        if _host_views(diag):
+            # On the CPU the product runs through numpy views of the same memory: the sums are
+            # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
+            s = scale.numpy()
+            host = (np.empty((self.k, self.n)), s, 2.0 ** self.bc / s, s * 2.0 ** -self.bc)
+            self._host = host
+            self.held, self.row_scale, self.row_unit, self.row_out = (torch.from_numpy(a) for a in host)
+        else:
+            self._host = None
+            self.row_scale = scale
+            self.row_unit = torch.reciprocal(scale) * 2.0 ** self.bc  # 2^bc / s_i
+            self.row_out = scale * 2.0 ** -self.bc  # s_i 2^-bc: the integers back to Q's scale
+            self.held = torch.empty(self.k, self.n, dtype=torch.float64, device=diag.device)
 
-    def append(self, column: torch.Tensor, q_jj: float) -> None:
-        """Hold ``Q[rows, j]`` (n,) of the next pick ``j``, whose ``Q_jj`` is ``q_jj``."""
+    def append(self, column, q_jj: float) -> None:
+        """Hold ``Q[rows, j]`` (n,) of the next pick ``j``, whose ``Q_jj`` is ``q_jj``
+        (a tensor; on the CPU also a numpy array)."""
         _, e_j = math.frexp(math.sqrt(max(q_jj, 0.0)))  # s_j = 2^e_j, as _pow2_scale
+        limit = 2.0 ** (self.bc + 1)
         # C_ij 2^bc = Q_ij 2^bc / (s_i s_j), every factor a power of two: exact
         if self._host is not None:  # the same steps through numpy views (lower call overhead)
-            held, _, row_unit = self._host
-            out = held[self.t]
-            np.multiply(column.detach().numpy(), row_unit, out=out)
+            out = self._host[0][self.t]
+            if isinstance(column, torch.Tensor):
+                column = column.detach().numpy()
+            np.multiply(column, self._host[2], out=out)
             out *= 2.0 ** -e_j
-            if np.abs(out).max(initial=0.0) > 2.0 ** (self.bc + 1):
+            if self.n and np.maximum.reduce(np.abs(out)) > limit:
                 self._widen(self.held[self.t])  # Q is not PSD on some rows (|C| > 2)
-            out.round(out=out)
-            out *= 2.0 ** -self.bc
+            np.rint(out, out=out)
         else:
             row = self.held[self.t]
             torch.mul(column, self.row_unit, out=row).mul_(2.0 ** -e_j)
-            if row.numel() and float(torch.linalg.vector_norm(row, math.inf)) > 2.0 ** (self.bc + 1):
+            if row.numel() and float(torch.linalg.vector_norm(row, math.inf)) > limit:
                 self._widen(row)  # Q is not PSD on some rows (|C| > 2)
-            row.round_().mul_(2.0 ** -self.bc)  # C on the grid 2^-bc
+            row.round_()
         self.col_scale[self.t] = 2.0 ** e_j
         self.t += 1
 
@@ -576,9 +606,9 @@ class ResidualProduct:
         factor = torch.where(over, torch.ldexp(torch.ones_like(row), exp), torch.ones_like(row))
         self.row_scale.mul_(factor)
         self.row_unit.div_(factor)
+        self.row_out.mul_(factor)
         row.div_(factor)
-        old = self.held[:self.t]
-        old.div_(factor).mul_(2.0 ** self.bc).round_().mul_(2.0 ** -self.bc)
+        self.held[:self.t].div_(factor).round_()
 
     def product(self, w: np.ndarray) -> torch.Tensor:
         """``sum_j Q[rows, S_j] w_j`` (n,) float64 for the first ``t = len(w)`` held picks."""
@@ -587,40 +617,36 @@ class ResidualProduct:
         pieces = self._split(w)
         if pieces is None:
             return torch.zeros(self.n, dtype=torch.float64, device=self.held.device)
-        t = len(w)
-        exact = torch.mm(torch.from_numpy(pieces).to(self.held.device, non_blocking=True), self.held[:t])
-        return exact[1].add_(exact[0]).mul_(self.row_scale)
+        exact = torch.mm(torch.from_numpy(pieces).to(self.held.device, non_blocking=True),
+                         self.held[:len(w)])
+        return exact[0].add_(exact[1]).mul_(self.row_out)
 
     def product_host(self, w: np.ndarray) -> np.ndarray:
         """:meth:`product` as a numpy array, for rows held on the CPU (numpy views, same bits)."""
         pieces = self._split(w)
         if pieces is None:
             return np.zeros(self.n)
-        held, row_scale, _ = self._host
-        exact = pieces @ held[:len(w)]  # (2, n), every entry exact whatever the BLAS
-        out = exact[1]
-        out += exact[0]  # the one rounding, elementwise
-        out *= row_scale
+        exact = pieces @ self._host[0][:len(w)]  # (2, n), every entry exact whatever the BLAS
+        out = exact[0]
+        out += exact[1]  # the one rounding, elementwise
+        out *= self._host[3]
         return out
 
     def _split(self, w: np.ndarray):
-        """``v = s_j w_j`` as two pieces (2, t) on the grids ``2^(e-bv)`` and ``2^(e-2bv)``
+        """The halves ``(I, F) 2^(e - bv)`` (2, t) of ``V = round(v 2^(2 bv - e))``, ``v = s_j w_j``
         (``2^e > max |v|``), or None when ``w`` is all zeros."""
         t = len(w)
-        v = w * self.col_scale[:t]
-        top = float(np.abs(v).max()) if t else 0.0
+        pieces = self._pieces[:, :t]
+        v = np.multiply(w, self.col_scale[:t], out=pieces[1])
+        top = float(np.maximum.reduce(np.abs(v))) if t else 0.0
         if top == 0.0:
             return None
         _, e = math.frexp(top)
-        v *= 2.0 ** (self.bv - e)  # |v| < 2^bv, exact
-        pieces = self._pieces[:, :t]
-        first = v.round(out=pieces[0])  # integers, |.| <= 2^bv
-        v -= first  # exact: a value minus its rounding to integers
-        v *= 2.0 ** self.bv
-        v.round(out=pieces[1])
-        # back to the values' scale, by powers of two (exact); the sums stay exact
-        first *= 2.0 ** (e - self.bv)
-        pieces[1] *= 2.0 ** (e - 2 * self.bv)
+        v *= 2.0 ** (2 * self.bv - e)  # |v| < 2^(2 bv), exact
+        np.rint(v, out=v)  # V (rint: round half to even, as round)
+        v *= 2.0 ** -self.bv  # exact
+        np.modf(v, out=(pieces[1], pieces[0]))  # F (grid 2^-bv), I (integer): both exact
+        pieces *= 2.0 ** (e - self.bv)  # powers of two: the sums stay exact
         return pieces
 
 
@@ -915,19 +941,28 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
     ``Q[:, j]`` for its rows and updates the small replicated refit identically.
     """
     n = len(rows)
-    k = int(budgets.sum())
+    left = budgets.tolist()  # the budgets left, as Python ints for the loop's checks
+    k = sum(left)
     remaining = budgets.clone()
-    left = budgets.tolist()  # the same, as Python ints for the loop's checks
-    # 0 where a candidate is feasible, -inf where it is selected or its domain's budget is spent
-    penalty = torch.zeros(n, dtype=rows.linear.dtype, device=rows.linear.device)
-    feasible = remaining[rows.domains] > 0
-    penalty[~feasible] = -math.inf
-    host = None
     dtype = rows.linear.dtype
+    # numpy views of the loop's vectors on the CPU (same memory, same arithmetic, a fraction
+    # of the tensor call overhead); the sampling rule keeps tensors throughout
+    host = None
+    if rule != "sample" and _host_views(rows.linear):
+        dom_np = rows.domains.numpy()
+        feasible_np = np.asarray(left)[dom_np] > 0
+        # 0 where a candidate is feasible, -inf where it is selected or its budget is spent
+        penalty_np = np.where(feasible_np, 0.0, -math.inf).astype(rows.linear.detach().numpy().dtype)
+        feasible, penalty = torch.from_numpy(feasible_np), torch.from_numpy(penalty_np)
+    else:
+        penalty = torch.zeros(n, dtype=dtype, device=rows.linear.device)
+        feasible = remaining[rows.domains] > 0
+        penalty[~feasible] = -math.inf
     fast_choice = type(chooser) is LocalChooser and rule == "greedy"
     held = ResidualProduct(rows.diagonal(), k)  # Q[rows, S], exact-sum products
     refit = _Refit(k, nonneg, unit=unit_weights)
-    picks, pick_dom = [], []
+    picked = np.zeros(k, dtype=np.int64)  # global indices, in pick order
+    pick_dom = []
     base = rows.linear - 0.5 * rows.diagonal() if unit_weights else rows.linear
     noise, inv_tau = None, 0.0
     if rule == "sample":  # Gumbel-top-k: the noise indexes the whole pool, so shards agree
@@ -937,9 +972,11 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
         sigma = chooser.spread(torch.where(feasible, first.double(), -math.inf))
         inv_tau = 1.0 / (temperature * sigma) if sigma > 0 else 0.0
         rule = "greedy"  # the chooser takes the argmax of the perturbed values
-    elif _host_views(penalty):  # numpy views of the loop's vectors (same memory)
+    elif _host_views(penalty):
         host = (penalty.numpy(), feasible.numpy(), remaining.numpy(),
-                np.empty(n, dtype=penalty.numpy().dtype), base.detach().numpy())
+                np.empty(n, dtype=penalty.numpy().dtype), base.detach().numpy(),
+                rows.domains.numpy())
+    gram_host = host is not None and isinstance(rows, GramRows) and rows._host is not None
     for t in range(k):
         if host is not None:  # the same arithmetic through numpy views: lower call overhead
             vals = host[3]
@@ -960,11 +997,19 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
             values = values + penalty  # infeasible -> -inf
         if host is not None and fast_choice:  # LocalChooser's greedy rule, without the tensors
             local = int(vals.argmax())
-            payload, index = rows.pick_payload(local), local + rows.offset
+            index = local + rows.offset
+            if gram_host:  # the row is at hand: no payload to form and read back
+                a_j, q_sel, q_jj, dom, column = rows.host_terms(local, picked[:t])
+            else:
+                payload = rows.pick_payload(local)
+                a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picked[:t])
+                column = rows.column(payload, index)
         else:
             payload, index = chooser.choose(values, feasible, rows, remaining, rule, generator)
-        a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picks)
-        held.append(rows.column(payload, index), q_jj)
+            a_j, q_sel, q_jj, dom = rows.pick_terms(payload, picked[:t])
+            column = rows.column(payload, index)
+        held.append(column, q_jj)
+        picked[t] = index
         local = index - rows.offset
         if 0 <= local < n:
             if host is not None:  # numpy views of the same memory: cheaper than tensor indexing
@@ -972,7 +1017,6 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
             else:
                 penalty[local] = -math.inf
                 feasible[local] = False
-        picks.append(index)
         pick_dom.append(dom)
         if host is not None:
             host[2][dom] -= 1
@@ -980,20 +1024,23 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
             remaining[dom] -= 1
         left[dom] -= 1
         if left[dom] == 0:
-            spent = rows.domains == dom
-            penalty[spent] = -math.inf
-            feasible[spent] = False
+            if host is not None:
+                spent = host[5] == dom
+                host[0][spent], host[1][spent] = -math.inf, False
+            else:
+                spent = rows.domains == dom
+                penalty[spent] = -math.inf
+                feasible[spent] = False
         refit.add(a_j, q_sel, q_jj)
 
-    indices = torch.tensor(picks, dtype=torch.int64)
     data_dom = rows.data_domains(pick_dom)
-    dom_t = torch.tensor(data_dom, dtype=torch.int64)
-    n_dom = max(budgets.numel(), int(dom_t.max()) + 1 if len(data_dom) else 0)
+    n_dom = max(budgets.numel(), max(data_dom) + 1 if data_dom else 0)
     return Selection(
-        indices=indices,
+        indices=torch.from_numpy(picked),
         weights=torch.from_numpy(refit.weights),
         utility=refit.utility(),
-        domain_counts=torch.bincount(dom_t, minlength=n_dom),
+        domain_counts=torch.from_numpy(np.bincount(np.asarray(data_dom, dtype=np.int64),
+                                                   minlength=n_dom)),
         budgets=budgets.clone(),
         shortfall=shortfall if shortfall is not None else torch.zeros(n_dom, dtype=torch.int64),
         method=method,

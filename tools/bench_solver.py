@@ -134,7 +134,7 @@ def best_time(fn, repeat):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     ap.add_argument("--ks", type=int, nargs="+", default=[32, 256, 512])
     ap.add_argument("--p", type=int, default=1024)
     ap.add_argument("--domains", type=int, default=8)
