@@ -10,7 +10,7 @@ import importlib
 
 from ds_partitionsel.budgets import allocate_budgets
 from ds_partitionsel.metrics import conflicting_pairs
-from ds_partitionsel.selection import METHODS, select
+from ds_partitionsel.selection import METHODS, select, select_gram
 from ds_partitionsel.solver import Selection, partition_omp, partitionsel_terms
 
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ _LAZY = {"initialize": "ds_partitionsel.engine", "PartitionSelEngine": "ds_parti
          "distributed": "ds_partitionsel.distributed"}
 
 __all__ = ["METHODS", "Selection", "allocate_budgets", "conflicting_pairs", "partition_omp",
-           "partitionsel_terms", "select", *_LAZY]
+           "partitionsel_terms", "select", "select_gram", *_LAZY]
 
 
 def __getattr__(name):

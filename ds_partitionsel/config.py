@@ -188,6 +188,9 @@ class SketchConfig(_Block):
         "candidate and anchor that is scored)"))
     # "adam": candidates' sketches scaled by AdamW's 1/(sqrt(v_hat)+eps), anchors raw
     precondition: Literal[PRECONDITIONS] = "none"
+    stream: bool = Field(False, json_schema_extra=_expects(
+        "true or false: stream the pool's exact sketches into its Gram matrix instead of holding "
+        "them (mode 'exact', dim null, one data-parallel rank)"))
 
     @field_validator("modules")
     @classmethod
@@ -257,6 +260,11 @@ class SketchConfig(_Block):
                 "partitionsel_rule", f"partitionsel.sketch.precondition 'adam' scales the hooked linears' "
                                 f"gradients by the optimizer's second moments; sketch.mode {self.mode!r} has no "
                                 f"hooked linears: use sketch.mode 'exact' or 'kron', or precondition 'none'")
+        if self.stream and (self.mode != "exact" or self.dim is not None):
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.stream streams the unprojected exact gradients into "
+                                "the pool's Gram matrix; it needs sketch.mode 'exact' and sketch.dim null (a "
+                                "projection or a Kronecker sketch is already small: set stream to false)")
         if self.precondition == "adam" and (self.proxy_model is not None or self.proxy_config is not None):
             raise PydanticCustomError(
                 "partitionsel_rule", "partitionsel.sketch.precondition 'adam' needs the trained model's "
@@ -351,6 +359,14 @@ class PartitionSelConfig(_Block):
                                 "mean sketch, but sketch.precondition '{p}' puts the candidates in another "
                                 "space than the (raw) anchors: set validation.shrink to false or "
                                 "sketch.precondition to 'none'", {"p": self.sketch.precondition})
+        if self.sketch.stream and self.validation.shrink:
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.validation.shrink needs the pool's mean sketch, which "
+                                "sketch.stream does not hold: set one of them to false")
+        if self.sketch.stream and self.method == "gradnorm":
+            raise PydanticCustomError(
+                "partitionsel_rule", "partitionsel.sketch.stream selects from the pool's Gram matrix; method "
+                                "'gradnorm' has no Gram form here: set stream to false")
         return self
 
     @field_validator("eval_interval", "eval_samples")

@@ -363,6 +363,9 @@ class TensorParallelSketcher(GradientSketcher):
     The feature layout (``blocks``, ``feature_dim``) is the TP=1 layout, and so are the features.
     """
 
+    streams_gram = False  # a Gram of tensor-parallel shards would need their all-reduce
+
+
     def __init__(self, model: nn.Module, *, tp_group=None, timeout: Optional[float] = None, **kwargs):
         check_megatron_model(model)
         if tp_group is None:

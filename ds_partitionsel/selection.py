@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ds_partitionsel.solver import (FeatureRows, LocalChooser, Selection, check_budget_fit,
+from ds_partitionsel.solver import (FeatureRows, GramRows, LocalChooser, Selection, check_budget_fit,
                                     check_domains_budgets, check_finite, check_rule,
                                     check_temperature,
                                     greedy_select, row_dots)
@@ -169,6 +169,71 @@ def selection_utility(features, target, indices, weights, *, lr, ridge=0.0) -> f
     a = lr * (g @ target.double()) + 0.5 * lr * lr * torch.diagonal(gram)
     q = lr * lr * gram + ridge * torch.eye(len(indices), dtype=torch.float64)
     return float(w @ a - 0.5 * w @ q @ w)
+
+
+def select_gram(method: str, gram: torch.Tensor, scores: torch.Tensor, domains: torch.Tensor,
+                budgets: torch.Tensor, *, lr: float = 1.0, ridge: float = 0.0,
+                generator: Optional[torch.Generator] = None, rule: str = "greedy",
+                nonneg: bool = True, allow_shortfall: bool = False,
+                temperature: float = 1.0) -> Selection:
+    """:func:`select` for the greedy methods from the Gram matrix ``K = G G^T`` (n, n) and the
+    scores ``s = G v`` (n,) instead of the features ``G``: what
+    :meth:`~ds_partitionsel.sketch.GradientSketcher.sketch_gram` streams without holding ``G``.
+
+    The same problem as :func:`select` (``Q = lr^2 K + ridge I``, masked to the domains' blocks
+    for ``iwd`` / ``greats_domain``; ``a = s, Q = K + ridge I`` for ``gradmatch``), solved by
+    the same loop on the explicit ``Q``; the numbers are ``K``'s, so they agree with
+    :func:`select` on ``G`` up to the rounding of ``K`` (not bit for bit). One process: the
+    Gram of a pool sharded over ranks would need the other ranks' features.
+    """
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"method {method!r} has no Gram form here; the Gram methods are "
+                         f"{', '.join(GREEDY_METHODS)}")
+    if not isinstance(gram, torch.Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (n, n) tensor, got {tuple(getattr(gram, 'shape', ()))}")
+    n = gram.shape[0]
+    if n == 0:
+        raise ValueError("empty pool: gram has no rows")
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n,):
+        raise ValueError(f"scores must have shape ({n},), got {tuple(getattr(scores, 'shape', ()))}")
+    check_finite("gram", gram)
+    check_finite("scores", scores)
+    domains, budgets = check_domains_budgets(domains, budgets, n)
+    rule = check_rule(rule, generator)
+    temperature = check_temperature(temperature)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    counts = torch.bincount(domains, minlength=budgets.numel())
+    used, shortfall = check_budget_fit(budgets, counts, allow_shortfall)
+    per_domain, weighted, block = GREEDY_METHODS[method]
+    gram, scores = gram.double(), scores.double()
+    eye = torch.eye(n, dtype=torch.float64, device=gram.device)
+    if method == "gradmatch":  # match sum_i w_i g_i to v
+        linear, quadratic = scores.clone(), gram + ridge * eye
+    else:
+        linear = lr * scores + 0.5 * lr * lr * torch.diagonal(gram)
+        quadratic = lr * lr * gram + ridge * eye
+    if block:  # Q_ij = 0 across domains
+        quadratic = quadratic * (domains[:, None] == domains[None, :]).to(quadratic.dtype)
+    k = int(used.sum())
+    rows = GramRows(linear, quadratic, domains if per_domain else torch.zeros_like(domains))
+    sel = greedy_select(rows, used if per_domain else torch.tensor([k], dtype=torch.int64),
+                        LocalChooser(), nonneg=nonneg if weighted else True, rule=rule,
+                        generator=generator, unit_weights=not weighted, method=method,
+                        temperature=temperature)
+    sel.domain_counts = torch.bincount(domains[sel.indices], minlength=budgets.numel())
+    sel.budgets, sel.shortfall = used.clone(), shortfall
+    if block or method == "gradmatch":  # report U on the true PartitionSel terms
+        idx = sel.indices
+        sub = gram[idx][:, idx]
+        a = lr * scores[idx] + 0.5 * lr * lr * torch.diagonal(sub)
+        q = lr * lr * sub + ridge * torch.eye(len(idx), dtype=torch.float64)
+        w = sel.weights.double()
+        sel.utility = float(w @ a - 0.5 * w @ q @ w)
+    sel.info["dropped"] = 0
+    return sel
 
 
 def unweighted_selection(method, indices, features, domains, target, budgets, lr, ridge):

@@ -35,6 +35,7 @@ from ds_partitionsel.data import check_pad_id, check_same_pool
 from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.metrics import conflicting_pairs
 from ds_partitionsel.shrink import pool_moments, shrink_target
+from ds_partitionsel.selection import select_gram
 from ds_partitionsel.sampler import (PoolSampler, as_int, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
 from ds_partitionsel.windows import crop_windows
@@ -99,7 +100,8 @@ class StepSelection:
     my_records / my_weights : this rank's share of the batch (owner-first), record ids and their
         OMP weights.
     selected_features : (k, p) float64 sketches of the selected rows (replicated; None for
-        featureless methods or when not requested).
+        featureless methods, under ``sketch.stream`` or when not requested).
+    selected_gram : (k, k) float64 Gram of the selected rows under ``sketch.stream`` (else None).
     """
     plan: StepPlan
     method: str
@@ -115,6 +117,7 @@ class StepSelection:
     bytes_sent: int
     timings: StepTimings
     selected_features: Optional[torch.Tensor] = None
+    selected_gram: Optional[torch.Tensor] = None
 
     @property
     def step(self) -> int:
@@ -136,7 +139,9 @@ class StepSelection:
     def conflicting_pairs(self) -> Optional[int]:
         """Selected pairs with a negative gradient inner product (None without features)."""
         if self.selected_features is None:
-            return None
+            if self.selected_gram is None:
+                return None
+            return int(torch.triu(self.selected_gram < 0, diagonal=1).sum())
         return conflicting_pairs(torch.nan_to_num(self.selected_features), torch.arange(self.k))
 
 
@@ -230,6 +235,16 @@ class Selector:
                 raise
             raise ConfigError(f"partitionsel.sketch.mode {sk.mode!r} (forward-only LM-head features) cannot "
                               f"sketch this model with {type(self).__name__}: {e}") from None
+        if sk.stream and cfg.method not in FEATURELESS:
+            if self.world > 1:
+                raise ConfigError(
+                    f"partitionsel.sketch.stream holds no features, but a pool sharded over {self.world} "
+                    f"ranks needs them: the Gram across shards and the distributed selection exchange "
+                    f"feature rows. Run the selection on one data-parallel rank, or keep the features "
+                    f"small instead (sketch.dim or sketch.mode 'kron') and set stream to false")
+            if not getattr(self.sketcher, "streams_gram", False):
+                raise ConfigError(f"partitionsel.sketch.stream: {type(self.sketcher).__name__} cannot stream "
+                                  f"its sketches into a Gram matrix; set stream to false")
         self.global_step = 0  # the next step to select; loops keep it in their checkpoints
         # the trained model's optimizer, for sketch.precondition = "adam" (set_optimizer)
         self.optimizer, self._said_no_moments = None, False
@@ -243,6 +258,7 @@ class Selector:
         # the current group of steps_per_pool steps: its batches (state_dict carries them, so a
         # resume in the middle of a group trains what a straight run trains)
         self._group, self._group_rows, self._group_timings, self._group_bytes = None, None, None, 0
+        self._group_gram = None  # sketch.stream: the Gram of the group's picks (for metrics)
 
     def set_optimizer(self, optimizer) -> None:
         """Hand over the optimizer that trains ``model`` (a torch optimizer, possibly wrapped, or a
@@ -353,6 +369,7 @@ class Selector:
         if self._group is None or self._group["group"] != group:
             self._group = self._select_group(plan, lr, with_features)
             self._group_rows = self._group.pop("rows")
+            self._group_gram = self._group.pop("gram")
             self._group_timings = self._group.pop("timings")
         timings = self._group_timings if j == 0 else StepTimings(total=time.perf_counter() - start)
         self.global_step = plan.step + 1
@@ -371,6 +388,8 @@ class Selector:
         weight_of = dict(zip(picked, g["weights"][j].tolist()))
         rows = self._group_rows
         selected_features = rows[j * k:(j + 1) * k] if with_features and rows is not None else None
+        gram = self._group_gram
+        selected_gram = gram[j * k:(j + 1) * k, j * k:(j + 1) * k] if with_features and gram is not None else None
         first = j == 0
         return StepSelection(
             plan=plan, method=self.cfg.method, indices=indices.clone(), weights=g["weights"][j].clone(),
@@ -380,7 +399,7 @@ class Selector:
             domain_counts=dict(zip(self.pool.domain_names, g["counts"][j].tolist())),
             utility=float(g["utility"][j]), dropped=int(g["dropped"]) if first else 0,
             mode=str(g["mode"]), bytes_sent=int(self._group_bytes) if first else 0, timings=timings,
-            selected_features=selected_features)
+            selected_features=selected_features, selected_gram=selected_gram)
 
     def _select_group(self, plan: StepPlan, lr: float, with_features: bool) -> dict:
         """Score the pool of ``plan``'s group once and select its ``m`` disjoint batches.
@@ -403,9 +422,20 @@ class Selector:
         start = time.perf_counter()
         t_sketch = t_anchor = solve = comm_s = 0.0
         local_domains = self.pool.domains[plan.local_ids]
+        stream = cfg.sketch.stream and cfg.method not in FEATURELESS
+        gram = scores = None
         if cfg.method in FEATURELESS:
             features = torch.zeros(hi - lo, 1)  # no gradients needed
             target = torch.zeros(1)
+        elif stream:  # the Gram and the scores, streamed: no (n, p) features held
+            target = anchors_target = self.validation_target(first_step)
+            t_anchor = time.perf_counter() - start
+            t1 = time.perf_counter()
+            gram, scores = self.sketch_gram_records(self.pool, plan.local_ids.tolist(), target,
+                                                    window=("pool", group),
+                                                    preconditioner=self.candidate_preconditioner(first_step))
+            features = None
+            t_sketch = time.perf_counter() - t1
         else:
             features = self.sketch_records(self.pool, plan.local_ids.tolist(), window=("pool", group),
                                            preconditioner=self.candidate_preconditioner(first_step))
@@ -429,16 +459,26 @@ class Selector:
                 taken = torch.zeros(self.pool_size, dtype=torch.bool)
                 taken[chosen] = True
                 keep = (~taken[lo:hi]).nonzero().flatten()
-                feats, doms = features[keep], local_domains[keep]
+                feats = None if features is None else features[keep]
+                doms = local_domains[keep]
                 left = (~taken).nonzero().flatten()  # rank-major order of the remaining rows
                 counts = pool_counts - torch.bincount(self.pool.domains[plan.pool_ids[chosen]], minlength=n_dom)
                 budgets = self._budgets(counts, first_step + j)
             step_j = first_step + j
-            sel = distributed.select(
-                cfg.method, feats, doms, target, budgets,
-                lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
-                generator=generator("select", cfg.seed, step_j), rule=cfg.rule, nonneg=cfg.nonneg,
-                drop_nonfinite=True, step=step_j, timeout=cfg.timeout_s, temperature=cfg.temperature)
+            if stream:
+                keep_rows = slice(None) if j == 0 else keep
+                t1 = time.perf_counter()
+                sel = select_gram(cfg.method, gram[keep_rows][:, keep_rows], scores[keep_rows], doms, budgets,
+                                  lr=lr, ridge=cfg.ridge, generator=generator("select", cfg.seed, step_j),
+                                  rule=cfg.rule, nonneg=cfg.nonneg, allow_shortfall=True,
+                                  temperature=cfg.temperature)
+                sel.info["time_solve"] = time.perf_counter() - t1
+            else:
+                sel = distributed.select(
+                    cfg.method, feats, doms, target, budgets,
+                    lr=lr, ridge=cfg.ridge, mode=cfg.mode, group=self.group,
+                    generator=generator("select", cfg.seed, step_j), rule=cfg.rule, nonneg=cfg.nonneg,
+                    drop_nonfinite=True, step=step_j, timeout=cfg.timeout_s, temperature=cfg.temperature)
             indices = sel.indices if left is None else left[sel.indices]
             if j == 0:
                 dropped, mode = int(sel.info.get("dropped", 0)), sel.info.get("mode", "local")
@@ -452,20 +492,25 @@ class Selector:
             out["counts"].append(sel.domain_counts.to(torch.int64))
             out["budgets"].append(torch.as_tensor(budgets, dtype=torch.int64))
         if cfg.budget.strategy == "curriculum" and cfg.method not in FEATURELESS:
-            self._update_gains(first_step, features, local_domains, anchors_target)
+            if stream:  # <mean_{i in d} g_i, v> is the mean of the domain's scores
+                self._update_gains(first_step, scores[:, None], local_domains, torch.ones(1))
+            else:
+                self._update_gains(first_step, features, local_domains, anchors_target)
         if dropped:
             logger.warning("step %d: %d candidate(s) with non-finite sketches dropped", first_step, dropped)
-        rows = None
-        if with_features and cfg.method not in FEATURELESS:
+        rows = picked_gram = None
+        if with_features and stream:
+            picked_gram = gram[chosen][:, chosen]
+        elif with_features and cfg.method not in FEATURELESS:
             rows = self._gather_rows(first_step, chosen, features, lo, hi)
-        del features
+        del features, gram
         self._group_bytes = sent
         timings = StepTimings(sketch=t_sketch, anchors=t_anchor, solve=solve, comm=comm_s,
                               total=time.perf_counter() - start)
         return {"group": group, "indices": torch.stack(out["indices"]), "weights": torch.stack(out["weights"]),
                 "utility": torch.tensor(out["utility"], dtype=torch.float64),
                 "counts": torch.stack(out["counts"]), "budgets": torch.stack(out["budgets"]),
-                "dropped": dropped, "mode": mode, "rows": rows, "timings": timings}
+                "dropped": dropped, "mode": mode, "rows": rows, "gram": picked_gram, "timings": timings}
 
     def after_step(self, selection: StepSelection) -> Optional[float]:
         """Train the proxy on the selected batch (``sketch.proxy_train``); its loss or None.
@@ -533,6 +578,7 @@ class Selector:
                                  f"this run selects {m} batches of {k} (steps_per_pool x batch): it was saved "
                                  f"by another configuration")
             self._group, self._group_rows, self._group_timings, self._group_bytes = group, None, StepTimings(), 0
+            self._group_gram = None
         if self.proxy is not None and self.proxy.train:
             if "proxy" not in (state or {}):
                 raise ValueError("the checkpoint holds no trained proxy state, but sketch.proxy_train is on: "
@@ -552,16 +598,34 @@ class Selector:
         (:mod:`ds_partitionsel.windows`). ``preconditioner``: see :meth:`candidate_preconditioner`
         (the anchors are always sketched raw).
         """
+        rows = list(self._sketch_chunks(pool, ids, lockstep_rows, window, preconditioner))
+        p = self.sketcher.feature_dim
+        return torch.cat(rows) if rows else torch.zeros(0, p)
+
+    def _sketch_chunks(self, pool, ids, lockstep_rows=None, window=None, preconditioner=None):
+        """:meth:`sketch_records` one micro-batch at a time: yields each chunk's real rows."""
         total = max(len(ids), lockstep_rows or 0)
         width = self.cfg.sketch.score_len
-        rows = []
         for work, n_real in lockstep_chunks(ids, total, self.cfg.sketch.micro_batch, ids[0] if ids else 0):
             batch = pool.collate(work, self.pad_token_id)
             if width is not None and window is not None:
                 batch = crop_windows(batch, work, width, self.cfg.seed, (getattr(pool, "split", ""), *window))
-            rows.append(self._sketch_batch(batch, preconditioner)[:n_real])
-        p = self.sketcher.feature_dim
-        return torch.cat(rows) if rows else torch.zeros(0, p)
+            yield self._sketch_batch(batch, preconditioner)[:n_real]
+
+    def sketch_gram_records(self, pool, ids, target, window=None, preconditioner=None):
+        """``(gram (n, n), scores (n,))`` float64 of records ``ids`` against ``target``, streamed
+        ``sketch.micro_batch`` rows at a time (``sketch.stream``: the features are never held).
+        ``window`` and ``preconditioner`` as in :meth:`sketch_records`."""
+        width = self.cfg.sketch.score_len
+        batch = pool.collate(list(ids), self.pad_token_id)
+        if width is not None and window is not None:
+            batch = crop_windows(batch, list(ids), width, self.cfg.seed, (getattr(pool, "split", ""), *window))
+        dev = self.device
+        extra = {} if preconditioner is None else {"preconditioner": preconditioner}
+        gram, scores, _ = self.sketcher.sketch_gram(
+            batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["loss_mask"].to(dev),
+            target=target.to(dev), batch_size=self.cfg.sketch.micro_batch, **extra)
+        return gram.cpu(), scores.cpu()
 
     def _sketch_batch(self, batch, preconditioner=None) -> torch.Tensor:
         dev = self.device
@@ -589,11 +653,15 @@ class Selector:
         ids, weights, divisor = self.anchor_draw(key)
         mine = list(range(self.rank, len(ids), self.world))
         per_rank = math.ceil(len(ids) / self.world)
-        feats = self.sketch_records(self.valid_pool, [ids[i] for i in mine], lockstep_rows=per_rank,
-                                    window=("anchors", key))
-        feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
-        local = (feats * torch.tensor([weights[i] for i in mine], dtype=feats.dtype)[:, None]).sum(0) \
-            if mine else torch.zeros(feats.shape[1], dtype=feats.dtype)
+        # the weighted sum, micro-batch by micro-batch: the anchors' (A, p) sketches are never held
+        local = torch.zeros(self.sketcher.feature_dim)
+        mine_weights = [weights[i] for i in mine]
+        for feats in self._sketch_chunks(self.valid_pool, [ids[i] for i in mine], lockstep_rows=per_rank,
+                                         window=("anchors", key)):
+            feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
+            w = torch.tensor(mine_weights[:len(feats)], dtype=feats.dtype)
+            mine_weights = mine_weights[len(feats):]
+            local = local + (feats * w[:, None]).sum(0)
         total = self.comm(step).all_reduce(local, "sum", "all-reduce of the validation target")
         fresh = total / divisor
         beta = v.ema

@@ -407,6 +407,9 @@ class GradientSketcher:
     and the features. ``batch_size`` bounds all but the features.
     """
 
+    streams_gram = True  # sketch_gram: the Gram of a pool without holding its features
+
+
     def __init__(self, model: nn.Module, *, modules: ModuleSpec = DEFAULT_NUM_BLOCKS,
                  mode: str = "exact", kron_dims: Union[int, Tuple[int, int]] = 32,
                  dim: Optional[int] = None, seed: int = 0, normalize: bool = True,

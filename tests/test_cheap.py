@@ -401,3 +401,61 @@ def test_trainer_resume_in_the_middle_of_a_group(real, tmp_path):
     straight = [s.selected for s in read_metrics(tmp_path / "a")[0]]
     resumed = [s.selected for s in read_metrics(tmp_path / "b")[0]]
     assert len(straight) == 4 and resumed == straight
+
+
+STREAM_BLOCK = {"pool_factor": 4, "seed": 5, "validation": {"anchors": 4}, "steps_per_pool": 2,
+                "budget": {"strategy": "curriculum"},
+                "sketch": {"modules": 1, "mode": "exact", "micro_batch": 3}}
+
+
+@pytest.mark.parametrize("rule", ["sample", "greedy"])
+def test_streamed_gram_selects_what_the_held_features_select(real, rule, monkeypatch):
+    """sketch.stream never holds the pool's features: the Gram and scores streamed micro-batch
+    by micro-batch give the batches, weights, budgets (curriculum gains from the scores) and
+    conflicting pairs of the features path, up to the Gram's rounding."""
+    from ds_partitionsel.sketch import GradientSketcher
+
+    block = dict(STREAM_BLOCK, rule=rule)
+    vocab = len(_pools(real)[0])
+    held = _selector(real, block, model=_llama(vocab, seed=3))
+    streamed = _selector(real, dict(block, sketch=dict(block["sketch"], stream=True)), model=_llama(vocab, seed=3))
+    calls = []
+    real_gram = GradientSketcher.sketch_gram
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_gram(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientSketcher, "sketch_gram", spy)
+    for step in range(4):  # two groups of two batches
+        a, b = held.select(step, lr=1e-3), streamed.select(step, lr=1e-3)
+        assert torch.equal(a.indices, b.indices), step
+        assert torch.allclose(a.weights, b.weights, rtol=1e-4, atol=1e-6)
+        assert torch.equal(a.plan.budgets, b.plan.budgets)
+        assert b.selected_features is None and b.selected_gram.shape == (4, 4)
+        assert a.conflicting_pairs() == b.conflicting_pairs()
+        assert abs(a.utility - b.utility) <= 1e-4 * max(1.0, abs(a.utility))
+    assert calls == [16, 16]  # one streamed pass per group, over the whole pool
+    assert held._gains == pytest.approx(streamed._gains, rel=1e-5, abs=1e-9)
+
+
+def test_stream_bad_input(real, monkeypatch):
+    from ds_partitionsel.config import ConfigError, PartitionSelConfig
+
+    for sketch, match in (({"mode": "kron", "stream": True}, "needs sketch.mode 'exact' and sketch.dim null"),
+                          ({"dim": 64, "stream": True}, "needs sketch.mode 'exact' and sketch.dim null"),
+                          ({"stream": "yes"}, "stream")):
+        with pytest.raises(ConfigError, match=match):
+            PartitionSelConfig.from_dict({"sketch": sketch})
+    with pytest.raises(ConfigError, match="shrink needs the pool's mean sketch"):
+        PartitionSelConfig.from_dict({"sketch": {"stream": True}, "validation": {"shrink": True}})
+    with pytest.raises(ConfigError, match="'gradnorm' has no Gram form"):
+        PartitionSelConfig.from_dict({"sketch": {"stream": True}, "method": "gradnorm"})
+    # more than one data-parallel rank: refused when the selector is built, before any sketch
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ConfigError, match="sharded over 2 ranks needs them"):
+        _selector(real, dict(STREAM_BLOCK, sketch=dict(STREAM_BLOCK["sketch"], stream=True)))

@@ -432,3 +432,29 @@ def test_tensor_path_of_the_loop_gives_the_bits_of_the_numpy_path(monkeypatch, n
     for a, b in ((host, tensor), (host_f, tensor_f)):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
         assert a.utility == b.utility
+
+
+def test_select_gram_equals_select_on_the_gram_and_refuses_bad_input():
+    """select_gram on K = G G^T and s = G v picks what select picks on G (float64 features:
+    the two differ only in rounding), and refuses what it cannot use, naming it."""
+    from ds_partitionsel import select, select_gram
+
+    feats, target, domains, _, _ = _random_problem(120, 30, 3, 2)
+    budgets = allocate_budgets(torch.bincount(domains, minlength=3), 12)
+    gram, scores = feats @ feats.T, feats @ target
+    for method in ("partitionsel", "iwd", "greats", "greats_domain"):
+        a = select(method, feats, domains, target, budgets, lr=0.3)
+        b = select_gram(method, gram, scores, domains, budgets, lr=0.3)
+        assert torch.equal(a.indices, b.indices), method
+        assert torch.allclose(a.weights, b.weights, rtol=1e-9, atol=1e-12)
+        assert torch.equal(a.domain_counts, b.domain_counts) and a.utility == pytest.approx(b.utility, rel=1e-9)
+    bad_gram = gram.clone()
+    bad_gram[3, 4] = float("nan")
+    for args, match in (((gram[:, :5], scores), "square"), ((gram, scores[:7]), r"scores must have shape \(120,\)"),
+                        ((bad_gram, scores), "gram contains 1 NaN/Inf")):
+        with pytest.raises(ValueError, match=match):
+            select_gram("partitionsel", *args, domains, budgets)
+    with pytest.raises(ValueError, match="'gradnorm' has no Gram form"):
+        select_gram("gradnorm", gram, scores, domains, budgets)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        select_gram("partitionsel", gram, scores, domains, budgets, lr=0.0)

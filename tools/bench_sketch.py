@@ -47,27 +47,10 @@ import sys
 import time
 from pathlib import Path
 
+from ds_partitionsel.rss import reset_peak, rss_kib
+
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("forward", "exact", "exact_stream", "kron", "exact_fullhead", "kron_fullhead", "func")
-
-
-# --------------------------------------------------------------------------- memory accounting
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- pool
@@ -141,8 +124,8 @@ def run_method(args) -> dict:
     names = GradientSketcher(model, **sketch_kwargs).module_names
     with torch.no_grad():  # warm-up (thread pools, lazy inits) outside the timed region
         model(input_ids=ids[:1, :16], use_cache=False)
-    base_kib = _rss_kib("VmRSS")
-    peak_reset = _reset_peak()
+    base_kib = rss_kib("VmRSS")
+    peak_reset = reset_peak()
     if cuda:  # on a GPU the peak that matters is the device's: allocated beyond the model and pool
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -153,7 +136,7 @@ def run_method(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-        return (_rss_kib("VmHWM") - base_kib) / 1024
+        return (rss_kib("VmHWM") - base_kib) / 1024
 
     def now():
         if cuda:
