@@ -435,6 +435,7 @@ class Selector:
                                                     window=("pool", group),
                                                     preconditioner=self.candidate_preconditioner(first_step))
             features = None
+            usable = torch.isfinite(torch.diagonal(gram)) & torch.isfinite(scores)  # not finite: dropped
             t_sketch = time.perf_counter() - t1
         else:
             features = self.sketch_records(self.pool, plan.local_ids.tolist(), window=("pool", group),
@@ -466,13 +467,23 @@ class Selector:
                 budgets = self._budgets(counts, first_step + j)
             step_j = first_step + j
             if stream:
-                keep_rows = slice(None) if j == 0 else keep
                 t1 = time.perf_counter()
-                sel = select_gram(cfg.method, gram[keep_rows][:, keep_rows], scores[keep_rows], doms, budgets,
+                rows_j = torch.arange(hi - lo) if j == 0 else keep  # the candidates of batch j
+                inner = usable[rows_j].nonzero().flatten()  # without the non-finite ones
+                if inner.numel() < int(budgets.sum()):
+                    raise ValueError(
+                        f"selection step {step_j}: the sketches of {len(rows_j) - inner.numel()} of "
+                        f"{len(rows_j)} candidates are not finite (NaN/Inf), which leaves {inner.numel()}, "
+                        f"fewer than the batch of {int(budgets.sum())}: the model has probably diverged "
+                        f"(non-finite weights or activations); lower the learning rate, or resume from an "
+                        f"earlier checkpoint")
+                cand = rows_j[inner]
+                sel = select_gram(cfg.method, gram[cand][:, cand], scores[cand], doms[inner], budgets,
                                   lr=lr, ridge=cfg.ridge, generator=generator("select", cfg.seed, step_j),
                                   rule=cfg.rule, nonneg=cfg.nonneg, allow_shortfall=True,
                                   temperature=cfg.temperature)
-                sel.info["time_solve"] = time.perf_counter() - t1
+                sel.indices = inner[sel.indices]  # positions among batch j's candidates
+                sel.info.update(time_solve=time.perf_counter() - t1, dropped=len(rows_j) - inner.numel())
             else:
                 sel = distributed.select(
                     cfg.method, feats, doms, target, budgets,
@@ -615,7 +626,8 @@ class Selector:
     def sketch_gram_records(self, pool, ids, target, window=None, preconditioner=None):
         """``(gram (n, n), scores (n,))`` float64 of records ``ids`` against ``target``, streamed
         ``sketch.micro_batch`` rows at a time (``sketch.stream``: the features are never held).
-        ``window`` and ``preconditioner`` as in :meth:`sketch_records`."""
+        ``window`` and ``preconditioner`` as in :meth:`sketch_records`. A record whose sketch is
+        not finite has a non-finite Gram diagonal (the caller drops it)."""
         width = self.cfg.sketch.score_len
         batch = pool.collate(list(ids), self.pad_token_id)
         if width is not None and window is not None:
@@ -624,7 +636,7 @@ class Selector:
         extra = {} if preconditioner is None else {"preconditioner": preconditioner}
         gram, scores, _ = self.sketcher.sketch_gram(
             batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["loss_mask"].to(dev),
-            target=target.to(dev), batch_size=self.cfg.sketch.micro_batch, **extra)
+            target=target.to(dev), batch_size=self.cfg.sketch.micro_batch, nonfinite="keep", **extra)
         return gram.cpu(), scores.cpu()
 
     def _sketch_batch(self, batch, preconditioner=None) -> torch.Tensor:

@@ -618,7 +618,8 @@ class GradientSketcher:
     def sketch_gram(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     loss_mask: Optional[torch.Tensor] = None, *, target: Optional[torch.Tensor] = None,
                     batch_size: Optional[int] = None, spill_dir: Optional[str] = None,
-                    preconditioner: Optional[Dict[str, "ModulePreconditioner"]] = None):
+                    preconditioner: Optional[Dict[str, "ModulePreconditioner"]] = None,
+                    nonfinite: str = "raise"):
         """What selection needs from the features, without ever holding them: the Gram matrix,
         the scores against ``target`` and the losses, streamed micro-batch by micro-batch.
 
@@ -639,6 +640,9 @@ class GradientSketcher:
         Returns ``(gram (n, n) float64, scores (n,) float64 or None, losses (n,) float32)``.
         ``target`` (p,): the validation gradient in this sketch's feature space (unnormalized).
         ``preconditioner``: as in :meth:`sketch`.
+        ``nonfinite``: ``"raise"`` (a ``FloatingPointError`` naming the rows whose features are
+        not finite) or ``"keep"`` (return them: such a row's Gram diagonal is not finite, and only
+        its own row and column of the Gram and its score are touched).
         """
         import shutil
         import tempfile
@@ -649,6 +653,8 @@ class GradientSketcher:
 
         if self._projector is not None:
             raise ValueError("sketch_gram needs the unprojected features (dim=None); use sketch() with dim")
+        if nonfinite not in ("raise", "keep"):
+            raise ValueError(f"nonfinite must be 'raise' or 'keep', got {nonfinite!r}")
         input_ids, attention_mask, labels = self._validate(input_ids, attention_mask, loss_mask)
         n = input_ids.shape[0]
         step = n if batch_size is None else int(batch_size)
@@ -695,7 +701,7 @@ class GradientSketcher:
         finally:
             self._precondition = None
             shutil.rmtree(folder, ignore_errors=True)
-        if bool(bad.any()):
+        if bool(bad.any()) and nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite gradient features in rows {_row_list(bad)} (losses there: "
                 f"{losses[bad][:5].tolist()}). The model produced NaN/Inf activations or "

@@ -459,3 +459,33 @@ def test_stream_bad_input(real, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(ConfigError, match="sharded over 2 ranks needs them"):
         _selector(real, dict(STREAM_BLOCK, sketch=dict(STREAM_BLOCK["sketch"], stream=True)))
+
+
+def test_streamed_gram_drops_nonfinite_sketches_as_the_held_features_do(real):
+    """A NaN in one sketched micro-batch: sketch.stream drops those candidates and selects from
+    the rest, as the held features do (the same batch, the same count dropped)."""
+    vocab = len(_pools(real)[0])
+    block = dict(STREAM_BLOCK, steps_per_pool=1, rule="greedy", budget={"strategy": "uniform"})
+    out = []
+    for stream in (False, True):
+        model = _llama(vocab, seed=4)
+        sel = _selector(real, dict(block, sketch=dict(block["sketch"], stream=stream)), model=model)
+        sel.validation_target(0)  # the anchors' target first, unpoisoned
+
+        def poison(module, args, output):  # NaN activations in the pool's first micro-batch
+            if poison.calls == 0:
+                output = output.clone()
+                output[:] = float("nan")
+            poison.calls += 1
+            return output
+
+        poison.calls = 0
+        handle = model.get_input_embeddings().register_forward_hook(poison)
+        try:
+            out.append(sel.select(0, lr=1e-3))
+        finally:
+            handle.remove()
+    held, streamed = out
+    assert held.dropped == streamed.dropped == 3  # micro_batch 3
+    assert torch.equal(held.indices, streamed.indices)
+    assert not set(held.indices.tolist()) & {0, 1, 2}
