@@ -35,9 +35,9 @@ from ds_partitionsel.data import check_pad_id, check_same_pool
 from ds_partitionsel.loss import per_sequence_loss
 from ds_partitionsel.metrics import conflicting_pairs
 from ds_partitionsel.shrink import pool_moments, shrink_target
-from ds_partitionsel.selection import select_gram
 from ds_partitionsel.sampler import (PoolSampler, as_int, assign_owner_first, generator, lockstep_chunks,
                                      shard_bounds)
+from ds_partitionsel.selection import select_gram
 from ds_partitionsel.windows import crop_windows
 
 logger = logging.getLogger("ds_partitionsel")
