@@ -947,8 +947,8 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
     dtype = rows.linear.dtype
     # numpy views of the loop's vectors on the CPU (same memory, same arithmetic, a fraction
     # of the tensor call overhead); the sampling rule keeps tensors throughout
-    host = None
-    if rule != "sample" and _host_views(rows.linear):
+    use_host = rule != "sample" and _host_views(rows.linear)
+    if use_host:
         dom_np = rows.domains.numpy()
         feasible_np = np.asarray(left)[dom_np] > 0
         # 0 where a candidate is feasible, -inf where it is selected or its budget is spent
@@ -972,10 +972,9 @@ def greedy_select(rows: CandidateRows, budgets: torch.Tensor, chooser: Chooser, 
         sigma = chooser.spread(torch.where(feasible, first.double(), -math.inf))
         inv_tau = 1.0 / (temperature * sigma) if sigma > 0 else 0.0
         rule = "greedy"  # the chooser takes the argmax of the perturbed values
-    elif _host_views(penalty):
-        host = (penalty.numpy(), feasible.numpy(), remaining.numpy(),
-                np.empty(n, dtype=penalty.numpy().dtype), base.detach().numpy(),
-                rows.domains.numpy())
+    # penalty, feasible, remaining, the residual buffer, base, domains
+    host = (penalty.numpy(), feasible.numpy(), remaining.numpy(), np.empty(n, dtype=penalty.numpy().dtype),
+            base.detach().numpy(), rows.domains.numpy()) if use_host else None
     gram_host = host is not None and isinstance(rows, GramRows) and rows._host is not None
     for t in range(k):
         if host is not None:  # the same arithmetic through numpy views: lower call overhead
