@@ -23,7 +23,7 @@ import torch
 from ds_partitionsel.solver import (FeatureRows, GramRows, LocalChooser, Selection, check_budget_fit,
                                     check_domains_budgets, check_finite, check_rule,
                                     check_temperature,
-                                    greedy_select, row_dots)
+                                    greedy_select, partitionsel_terms, row_dots)
 
 METHODS = ("partitionsel", "random", "full", "gradnorm", "greats", "greats_domain", "iwd",
            "gradmatch")
@@ -52,11 +52,15 @@ def validate_inputs(method, features, domains, target, budgets, lr, ridge):
         raise ValueError(f"target must be the mean validation gradient of shape "
                          f"({features.shape[1]},), got {tuple(getattr(target, 'shape', ()))}")
     check_finite("target", target)
+    check_lr_ridge(lr, ridge)
+    return check_domains_budgets(domains, budgets, features.shape[0])
+
+
+def check_lr_ridge(lr, ridge) -> None:
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
     if not math.isfinite(ridge) or ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    return check_domains_budgets(domains, budgets, features.shape[0])
 
 
 def select(method: str, features: torch.Tensor, domains: torch.Tensor, target: torch.Tensor,
@@ -201,20 +205,16 @@ def select_gram(method: str, gram: torch.Tensor, scores: torch.Tensor, domains: 
     domains, budgets = check_domains_budgets(domains, budgets, n)
     rule = check_rule(rule, generator)
     temperature = check_temperature(temperature)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite learning rate, got {lr}")
-    if not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    check_lr_ridge(lr, ridge)
     counts = torch.bincount(domains, minlength=budgets.numel())
     used, shortfall = check_budget_fit(budgets, counts, allow_shortfall)
     per_domain, weighted, block = GREEDY_METHODS[method]
     gram, scores = gram.double(), scores.double()
-    eye = torch.eye(n, dtype=torch.float64, device=gram.device)
     if method == "gradmatch":  # match sum_i w_i g_i to v
-        linear, quadratic = scores.clone(), gram + ridge * eye
+        linear = scores.clone()
+        quadratic = gram + ridge * torch.eye(n, dtype=torch.float64, device=gram.device)
     else:
-        linear = lr * scores + 0.5 * lr * lr * torch.diagonal(gram)
-        quadratic = lr * lr * gram + ridge * eye
+        linear, quadratic = partitionsel_terms(gram, scores, lr, ridge)
     if block:  # Q_ij = 0 across domains
         quadratic = quadratic * (domains[:, None] == domains[None, :]).to(quadratic.dtype)
     k = int(used.sum())
@@ -227,9 +227,7 @@ def select_gram(method: str, gram: torch.Tensor, scores: torch.Tensor, domains: 
     sel.budgets, sel.shortfall = used.clone(), shortfall
     if block or method == "gradmatch":  # report U on the true PartitionSel terms
         idx = sel.indices
-        sub = gram[idx][:, idx]
-        a = lr * scores[idx] + 0.5 * lr * lr * torch.diagonal(sub)
-        q = lr * lr * sub + ridge * torch.eye(len(idx), dtype=torch.float64)
+        a, q = partitionsel_terms(gram[idx][:, idx], scores[idx], lr, ridge)
         w = sel.weights.double()
         sel.utility = float(w @ a - 0.5 * w @ q @ w)
     sel.info["dropped"] = 0

@@ -359,12 +359,10 @@ class GramRows(CandidateRows):
     def pick_terms(self, payload, selected):
         j = int(payload.item() if payload.numel() == 1 else payload[0]) - self.offset
         sel = np.asarray(selected, dtype=np.int64)
-        if self.offset:
-            sel -= self.offset
         if self._host is not None:
-            linear, quadratic, domains = self._host
-            row = quadratic[j]
-            return float(linear[j]), row[sel].astype(np.float64, copy=False), float(row[j]), int(domains[j])
+            return self.host_terms(j, sel)[:4]
+        if self.offset:
+            sel = sel - self.offset
         row = self.quadratic[j]
         return (float(self.linear[j]), row[torch.from_numpy(sel).to(row.device)].double().cpu().numpy(),
                 float(row[j]), int(self.domains[j]))
@@ -564,12 +562,11 @@ class ResidualProduct:
             # On the CPU the product runs through numpy views of the same memory: the sums are
             # exact, so any BLAS gives the same bits, and numpy's per-call overhead is lower.
             s = scale.numpy()
-            host = (np.empty((self.k, self.n)), s, 2.0 ** self.bc / s, s * 2.0 ** -self.bc)
+            host = (np.empty((self.k, self.n)), 2.0 ** self.bc / s, s * 2.0 ** -self.bc)
             self._host = host
-            self.held, self.row_scale, self.row_unit, self.row_out = (torch.from_numpy(a) for a in host)
+            self.held, self.row_unit, self.row_out = (torch.from_numpy(a) for a in host)
         else:
             self._host = None
-            self.row_scale = scale
             self.row_unit = torch.reciprocal(scale) * 2.0 ** self.bc  # 2^bc / s_i
             self.row_out = scale * 2.0 ** -self.bc  # s_i 2^-bc: the integers back to Q's scale
             self.held = torch.empty(self.k, self.n, dtype=torch.float64, device=diag.device)
@@ -584,7 +581,7 @@ class ResidualProduct:
             out = self._host[0][self.t]
             if isinstance(column, torch.Tensor):
                 column = column.detach().numpy()
-            np.multiply(column, self._host[2], out=out)
+            np.multiply(column, self._host[1], out=out)
             out *= 2.0 ** -e_j
             if self.n and np.maximum.reduce(np.abs(out)) > limit:
                 self._widen(self.held[self.t])  # Q is not PSD on some rows (|C| > 2)
@@ -604,7 +601,6 @@ class ResidualProduct:
         over = row.abs() > 2.0 ** (self.bc + 1)
         _, exp = torch.frexp(row.abs() * 2.0 ** -self.bc)
         factor = torch.where(over, torch.ldexp(torch.ones_like(row), exp), torch.ones_like(row))
-        self.row_scale.mul_(factor)
         self.row_unit.div_(factor)
         self.row_out.mul_(factor)
         row.div_(factor)
@@ -629,7 +625,7 @@ class ResidualProduct:
         exact = pieces @ self._host[0][:len(w)]  # (2, n), every entry exact whatever the BLAS
         out = exact[0]
         out += exact[1]  # the one rounding, elementwise
-        out *= self._host[3]
+        out *= self._host[2]
         return out
 
     def _split(self, w: np.ndarray):
