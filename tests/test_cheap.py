@@ -439,7 +439,17 @@ def test_streamed_gram_selects_what_the_held_features_select(real, rule, monkeyp
     assert held._gains == pytest.approx(streamed._gains, rel=1e-5, abs=1e-9)
 
 
-def test_stream_bad_input(real, monkeypatch):
+def _stream_refusal_worker(rank, world, real, block):
+    from ds_partitionsel.config import ConfigError
+
+    try:
+        _selector(real, block)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_stream_bad_input(real):
     from ds_partitionsel.config import ConfigError, PartitionSelConfig
 
     for sketch, match in (({"mode": "kron", "stream": True}, "needs sketch.mode 'exact' and sketch.dim null"),
@@ -451,14 +461,10 @@ def test_stream_bad_input(real, monkeypatch):
         PartitionSelConfig.from_dict({"sketch": {"stream": True}, "validation": {"shrink": True}})
     with pytest.raises(ConfigError, match="'gradnorm' has no Gram form"):
         PartitionSelConfig.from_dict({"sketch": {"stream": True}, "method": "gradnorm"})
-    # more than one data-parallel rank: refused when the selector is built, before any sketch
-    import torch.distributed as dist
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(ConfigError, match="sharded over 2 ranks needs them"):
-        _selector(real, dict(STREAM_BLOCK, sketch=dict(STREAM_BLOCK["sketch"], stream=True)))
+    # more than one data-parallel rank (real ranks): refused on each when the selector is built
+    block = dict(STREAM_BLOCK, sketch=dict(STREAM_BLOCK["sketch"], stream=True))
+    for message in run_ranks(_stream_refusal_worker, 2, real, block, deepspeed=False):
+        assert message is not None and "sharded over 2 ranks needs them" in message, message
 
 
 def test_streamed_gram_drops_nonfinite_sketches_as_the_held_features_do(real):
